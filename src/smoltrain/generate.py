@@ -1,0 +1,143 @@
+"""Text generation with a KV cache: batched prompts with left padding, greedy or sampled,
+stopping at EOS per row, as a stream of tokens or all at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from smoltrain.model import CustomLLM, KVCache
+
+
+def process_logits(
+    logits: torch.Tensor,
+    generated: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+) -> torch.Tensor:
+    """Scores for the next token (B, V), in transformers' order: repetition penalty, then
+    (when sampling) temperature, top-k and top-p, each as its LogitsProcessor does."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, generated)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    if not do_sample:
+        return logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use do_sample=False for greedy")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {repetition_penalty}")
+
+
+@torch.inference_mode()
+def stream_generate(
+    model: CustomLLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) as it is produced. Rows that reached EOS yield
+    `pad_token_id` until all rows are done. Prompts are left-padded, `attention_mask` 0/1."""
+    _check_sampling(temperature, top_k, top_p, repetition_penalty)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    B, T = input_ids.shape
+    context = model.config.max_position_embeddings
+    if T >= context:
+        raise ValueError(
+            f"the prompt has {T} tokens but the model's context is {context}; shorten the prompt"
+        )
+    max_new_tokens = min(max_new_tokens, context - T)  # never run past the rotary table
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=model.device)
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+
+    input_ids = input_ids.to(model.device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: the plain causal kernel is faster
+    if attention_mask is not None:
+        # Left padding: real tokens count positions from 0, as transformers does.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        position_ids = torch.arange(T, device=model.device)[None].expand(B, T)
+
+    cache = KVCache(model.config, B, T + max_new_tokens, model.device, model.dtype)
+    generated = input_ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
+    step_ids, step_positions = input_ids, position_ids
+    for _ in range(max_new_tokens):
+        out = model(
+            step_ids,
+            attention_mask=attention_mask,
+            position_ids=step_positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        scores = process_logits(out.logits[:, -1], generated, do_sample, temperature, top_k, top_p, repetition_penalty)
+        if do_sample:
+            next_ids = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            next_ids = scores.argmax(dim=-1)
+        next_ids = torch.where(unfinished, next_ids, pad_token_id)
+        yield next_ids
+        unfinished &= ~torch.isin(next_ids, eos)
+        if not bool(unfinished.any()):
+            return
+        generated = torch.cat([generated, next_ids[:, None]], dim=1)
+        step_ids = next_ids[:, None]
+        step_positions = step_positions[:, -1:] + 1
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+
+
+def generate(model: CustomLLM, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The prompt followed by the new tokens (B, T + new), as transformers' `generate`."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    new = list(stream_generate(model, input_ids, **kwargs))
+    if not new:
+        return input_ids
+    return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)

@@ -1,0 +1,347 @@
+"""The SmolLM2 model: a Llama decoder, read top to bottom like SPEC.md's architecture table.
+
+Numerically it is transformers' LlamaForCausalLM (same RMSNorm, rotary and attention maths);
+the module names follow the reference's printout. Conversion to and from Hugging Face lives
+in `smoltrain.hf`, generation in `smoltrain.generate`, the chunked loss in `smoltrain.loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from smoltrain.config import ModelConfig
+from smoltrain.loss import IGNORE_INDEX, chunked_linear_cross_entropy
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+class KVCache:
+    """Keys and values of every layer in pre-allocated buffers, written by slice assignment
+    (MPS has no `index_copy` for this). Grows by doubling when a forward would overflow it."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.length = 0  # tokens stored so far
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, new_tokens: int) -> None:
+        needed = self.length + new_tokens
+        if needed <= self.capacity:
+            return
+        grown = max(needed, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], grown, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = new
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, kv_heads, T, hd) and return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 and cast back before the scale, exactly as LlamaRMSNorm does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to the context, computed once in fp32."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        cos, sin = self._tables()
+        self.register_buffer("cos_cached", cos, persistent=False)  # (max_positions, hd)
+        self.register_buffer("sin_cached", sin, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq  # (P, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def reset_parameters(self) -> None:
+        """Recompute the tables (after building the model on the meta device)."""
+        cos, sin = self._tables()
+        self.cos_cached = cos.to(self.cos_cached.device)
+        self.sin_cached = sin.to(self.sin_cached.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, T) -> (B, 1, T, hd), ready to broadcast over heads
+        return (
+            self.cos_cached[position_ids].to(dtype)[:, None],
+            self.sin_cached[position_ids].to(dtype)[:, None],
+        )
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta:g}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, kv, bias=False)
+        self.v_proj = nn.Linear(h, kv, bias=False)
+        self.o_proj = nn.Linear(h, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
+        # Each key/value head serves n_heads / n_kv_heads query heads: (B, nkv, S, hd) -> (B, nh, S, hd)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        # A mask disables the fast causal kernel, so pass one only when it says something.
+        is_causal = mask is None and k.shape[2] == T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+    query_length: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, S), True where a query may attend to a key, or None when
+    plain causal attention says it all. Combines causality, the 0/1 padding mask over all S
+    positions (left or right padding) and the sliding window."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()  # already a full mask, e.g. document-causal packing
+    key_length = past_length + query_length
+    if attention_mask is None and sliding_window is None and (past_length == 0 or query_length == 1):
+        return None
+    q_pos = torch.arange(past_length, key_length, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(key_length, device=device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != key_length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and "
+                f"input hold {key_length}; pass the mask of the whole sequence so far"
+            )
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    # A query on a padding position may see no key at all; SDPA would return NaN there.
+    # Let such rows attend everywhere: their outputs are never used (as transformers does).
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class CustomLLM(nn.Module):
+    """A Llama-architecture causal language model (SmolLM2-135M with the default config)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # SmolLM2 / transformers' Llama init: normal(0, initializer_range), norms at one.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
+        """input_ids (B, T). attention_mask: 0/1 (B, S) over the cache and the input, or a
+        boolean (B, 1, T, S) mask. labels (B, T) are shifted inside, -100 ignored.
+        logits_to_keep=k keeps the logits of the last k positions only (0: all).
+        return_logits=False with labels computes the loss chunk by chunk without logits."""
+        B, T = input_ids.shape
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache(self.config, B, T, self.device, self.dtype)
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the model's context of "
+                f"{self.config.max_position_embeddings} (max_position_embeddings); shorten the input"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        if cache is not None:
+            cache.reserve(T)
+
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        mask = build_attention_mask(attention_mask, past, T, self.config.sliding_window, x.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        x = self.norm(x)
+        if cache is not None:
+            cache.advance(T)
+
+        loss = logits = None
+        if labels is not None:
+            # Predict token t+1 from position t: drop the last position, shift labels left.
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            if not return_logits:
+                loss = chunked_linear_cross_entropy(x, self.lm_head.weight, shifted)
+        if return_logits:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # (B, T, V)
+            if labels is not None:
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX
+                )
+        return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Prompt followed by new tokens; see `smoltrain.generate.generate` for the arguments."""
+        from smoltrain.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> CustomLLM:
+        """A Hugging Face folder (or hub name), a `.gguf` file, or `smollm2` (the bundled
+        SmolLM2-135M-Instruct); see `smoltrain.hf.load_model`."""
+        from smoltrain.hf import load_model
+
+        return load_model(path, **kwargs)
+
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+        """Write a folder that `transformers.AutoModelForCausalLM` loads as-is."""
+        from smoltrain.hf import save_model
+
+        save_model(self, folder, tokenizer=tokenizer)
