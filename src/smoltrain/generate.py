@@ -42,7 +42,9 @@ def process_logits(
     return logits
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+def _check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float
+) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}; use do_sample=False for greedy")
     if top_k is not None and top_k < 0:
@@ -116,7 +118,9 @@ def stream_generate(
             use_cache=True,
             logits_to_keep=1,
         )
-        scores = process_logits(out.logits[:, -1], generated, do_sample, temperature, top_k, top_p, repetition_penalty)
+        scores = process_logits(
+            out.logits[:, -1], generated, do_sample, temperature, top_k, top_p, repetition_penalty
+        )
         if do_sample:
             next_ids = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
@@ -141,3 +145,19 @@ def generate(model: CustomLLM, input_ids: torch.Tensor, **kwargs) -> torch.Tenso
     if not new:
         return input_ids
     return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+
+
+def stream_text(model: CustomLLM, tokenizer, input_ids: torch.Tensor, **kwargs) -> Iterator[str]:
+    """Yield the decoded continuation of one prompt piece by piece. The whole continuation is
+    decoded each time, so tokens that only form a character together (a byte-level BPE
+    splits emoji and accents) are printed once complete."""
+    new_ids: list[int] = []
+    shown = ""
+    for token in stream_generate(model, input_ids, **kwargs):
+        new_ids.append(int(token[0]))
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence: wait for the next token
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text

@@ -6,6 +6,7 @@ transformers' LlamaForCausalLM names them `model.layers.N.input_layernorm` and s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +23,10 @@ BUNDLED_NAME = "smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # (ours, transformers') name fragments; every other name only gains or loses "model.".
-_RENAMES = [(".input_norm.", ".input_layernorm."), (".post_attn_norm.", ".post_attention_layernorm.")]
+_RENAMES = [
+    (".input_norm.", ".input_layernorm."),
+    (".post_attn_norm.", ".post_attention_layernorm."),
+]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -41,6 +45,30 @@ def from_hf_key(key: str) -> str:
     for ours, theirs in _RENAMES:
         key = key.replace(theirs, ours)
     return key
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF weights and tokenizers are kept ($SMOLTRAIN_CACHE)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "smoltrain"
+    return Path(os.environ.get("SMOLTRAIN_CACHE") or default).expanduser()
+
+
+def cached_conversion(kind: str, path: Path) -> Path:
+    """A cache folder for something derived from `path`, keyed by its path, size and mtime."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{path.stem}-{key}"
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place atomically; a concurrent writer may win."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(final)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def bundled_gguf_path() -> Path:
@@ -127,7 +155,9 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, {k: torch.as_tensor(v) for k, v in tensors.items()}
 
 
-def load_hf_state_dict(model: CustomLLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_hf_state_dict(
+    model: CustomLLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Copy HF-named tensors into `model`, checking names and shapes first."""
     own = model.state_dict()
     tied = model.config.tie_word_embeddings
@@ -165,7 +195,9 @@ def load_model(
     """Load weights and config from a Hugging Face folder, a .gguf file, a hub name or the
     bundled `smollm2`. `dtype` defaults to float32 (GGUF weights are dequantized)."""
     path = resolve_checkpoint(spec)
-    config, tensors = _read_gguf(path) if path.suffix == ".gguf" else _read_hf_folder(path)
+    if path.suffix == ".gguf":
+        path = _gguf_as_hf_folder(path)
+    config, tensors = _read_hf_folder(path)
     with torch.device("meta"):  # skip the random init: every weight is overwritten
         model = CustomLLM(config)
     model.to_empty(device="cpu")
@@ -175,6 +207,22 @@ def load_model(
     model.to(device=device, dtype=dtype or torch.float32)
     model.name_or_path = str(spec)
     return model.eval()
+
+
+def _gguf_as_hf_folder(path: Path) -> Path:
+    """Dequantizing a GGUF takes seconds; do it once and keep the result as an HF folder."""
+    cached = cached_conversion("models", path)
+    if not (cached / "model.safetensors").is_file():
+        config, tensors = _read_gguf(path)
+        with torch.device("meta"):
+            model = CustomLLM(config)
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        load_hf_state_dict(model, tensors, source=str(path))
+        tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+        save_model(model, tmp)
+        publish_folder(tmp, cached)
+    return cached
 
 
 def _atomic_write(path: Path, write) -> None:

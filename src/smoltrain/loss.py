@@ -23,9 +23,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if need_grad_weight
-            else None
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
         )
         w = weight.to(compute_dtype)
         for start in range(0, hidden.shape[0], chunk_size):

@@ -97,7 +97,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cached", sin, persistent=False)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)
+        )
         freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq  # (P, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from smoltrain.hf import BUNDLED_NAME, resolve_checkpoint
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SMOLTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "smoltrain"
-    return Path(root).expanduser()
+from smoltrain.hf import BUNDLED_NAME, cached_conversion, publish_folder, resolve_checkpoint
 
 
 def _gguf_tokenizer(path: Path):
@@ -19,18 +13,13 @@ def _gguf_tokenizer(path: Path):
     tokenizer is cached on disk, keyed by the file's path, size and mtime."""
     from transformers import AutoTokenizer
 
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+    cached = cached_conversion("tokenizers", path)
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(cached)  # atomic: a concurrent or killed writer never leaves half a folder
-    except OSError:
-        pass  # another process got there first
+    publish_folder(tmp, cached)
     return tokenizer
 
 
@@ -51,3 +40,12 @@ def load_tokenizer(spec: str | Path = BUNDLED_NAME):
             "or a folder that has them"
         )
     return AutoTokenizer.from_pretrained(resolved)
+
+
+def check_tokenizer_fits(vocab_size: int, tokenizer) -> None:
+    """A tokenizer with ids beyond the model's embedding table would crash mid-forward."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary is "
+            f"{vocab_size:,}; pass the tokenizer the model was trained with (--tokenizer)"
+        )

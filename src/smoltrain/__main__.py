@@ -1,0 +1,3 @@
+from smoltrain.cli import main
+
+main()

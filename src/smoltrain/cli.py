@@ -1,0 +1,155 @@
+"""The `smoltrain` command: generate, convert (and the commands later modules add)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+}
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise SystemExit(f"error: unknown dtype '{name}'; choose one of {sorted(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def pick_device(name: str = "auto") -> str:
+    """cuda > mps > cpu for `auto`; an explicit device must exist."""
+    import torch
+
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        return next(d for d, ok in available.items() if ok)
+    if name not in available:
+        raise SystemExit(f"error: unknown device '{name}'; choose auto, cuda, mps or cpu")
+    if not available[name]:
+        raise SystemExit(f"error: device '{name}' is not available here; use --device auto or cpu")
+    return name
+
+
+def _tokenizer_for(model_spec: str, tokenizer_spec: str | None):
+    from smoltrain.hf import resolve_checkpoint
+    from smoltrain.tokenizer import load_tokenizer
+
+    if tokenizer_spec:
+        return load_tokenizer(tokenizer_spec)
+    path = resolve_checkpoint(model_spec)
+    has_files = path.is_dir() and (path / "tokenizer.json").is_file()
+    return load_tokenizer(path if has_files or path.suffix == ".gguf" else "smollm2")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from smoltrain.generate import stream_text
+    from smoltrain.hf import load_model
+    from smoltrain.tokenizer import check_tokenizer_fits
+
+    device = pick_device(args.device)
+    model = load_model(args.model, dtype=_dtype(args.dtype), device=device)
+    tokenizer = _tokenizer_for(args.model, args.tokenizer)
+    check_tokenizer_fits(model.config.vocab_size, tokenizer)
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise SystemExit("error: this tokenizer has no chat template; drop --chat for plain continuation")
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+        print(args.prompt, end="", flush=True)
+    eos = [t for t in {model.config.eos_token_id, tokenizer.eos_token_id} if t is not None]
+    start, count = time.perf_counter(), 0
+    for piece in stream_text(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        eos_token_id=eos,
+        seed=args.seed,
+    ):
+        count += 1
+        print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n[{count} pieces in {elapsed:.1f}s on {device}]", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from smoltrain.hf import load_model, resolve_checkpoint
+    from smoltrain.tokenizer import load_tokenizer
+
+    model = load_model(args.src, dtype=_dtype(args.dtype))
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        src = resolve_checkpoint(args.src)
+        if src.suffix == ".gguf" or (src / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(src)
+    model.save_pretrained(args.dst, tokenizer=tokenizer)
+    print(
+        f"wrote {args.dst}: {model.num_parameters():,} parameters, {args.dtype}"
+        f"{', with tokenizer' if tokenizer else ', no tokenizer (pass --tokenizer)'}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoltrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a model, streamed as it is produced")
+    g.add_argument("--model", default="smollm2", help="HF folder, .gguf file, hub name or 'smollm2'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a GGUF file or HF folder into an HF folder")
+    c.add_argument("src", help="HF folder, .gguf file, hub name or 'smollm2'")
+    c.add_argument("dst", type=Path, help="output folder")
+    c.add_argument("--tokenizer", default=None, help="tokenizer to write beside the weights")
+    c.add_argument("--dtype", default="float32")
+    c.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Errors at the edges carry a message that names the fix; a traceback adds nothing.
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from smoltrain.config import ModelConfig, get_preset
+from smoltrain.model import CustomLLM
+
+
+def micro_config(**overrides) -> ModelConfig:
+    """A model small enough to build and run in milliseconds."""
+    values = dict(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture
+def micro_model() -> CustomLLM:
+    torch.manual_seed(0)
+    return CustomLLM(micro_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> CustomLLM:
+    torch.manual_seed(0)
+    return CustomLLM(get_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct, ours and transformers' own GGUF loading of it."""
+    from transformers import AutoModelForCausalLM
+
+    from smoltrain.hf import bundled_gguf_path, load_model
+
+    path = bundled_gguf_path()
+    ours = load_model("smollm2")
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    return ours, theirs
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from smoltrain.tokenizer import load_tokenizer
+
+    return load_tokenizer("smollm2")

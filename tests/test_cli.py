@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import torch
+
+from smoltrain.cli import main
+
+from .conftest import micro_config
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smoltrain", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_generate_cli_streams_the_greedy_continuation(tmp_path, smollm2_tokenizer):
+    from smoltrain.config import get_preset
+    from smoltrain.model import CustomLLM
+
+    torch.manual_seed(0)
+    model = CustomLLM(get_preset("tiny", num_hidden_layers=2)).eval()
+    model.save_pretrained(tmp_path, tokenizer=smollm2_tokenizer)
+    result = run_cli("generate", "--model", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    ids = smollm2_tokenizer("Hello world", return_tensors="pt")["input_ids"]
+    expected = smollm2_tokenizer.decode(
+        model.generate(ids, max_new_tokens=8)[0, ids.shape[1] :], skip_special_tokens=True
+    )
+    assert result.stdout.rstrip("\n") == "Hello world" + expected.rstrip("\n")
+
+
+def test_generate_cli_chat_with_bundled_model():
+    result = run_cli("generate", "--chat", "--prompt", "What is 2+2?", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 5
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    torch.manual_seed(0)
+    from smoltrain.model import CustomLLM
+
+    CustomLLM(micro_config()).save_pretrained(tmp_path / "m")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--prompt",
+        "x",
+        "--chat",
+        "--tokenizer",
+        "smollm2",
+    )
+    assert result.returncode != 0
+    assert "tokenizer has 49,152 tokens but the model's vocabulary is 256" in result.stderr
+
+
+def test_main_rejects_unknown_device(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown device"):
+        main(["generate", "--prompt", "x", "--device", "tpu"])

@@ -1,0 +1,122 @@
+import pytest
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from smoltrain.generate import generate, process_logits, stream_generate, stream_text
+
+from .test_model import to_transformers
+
+
+def greedy_by_recompute(model, ids, n):
+    """Reference: no cache, the whole sequence through the model at every step."""
+    for _ in range(n):
+        with torch.no_grad():
+            next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def test_cached_greedy_equals_recompute(tiny_model):
+    ids = torch.randint(0, 1000, (1, 12))
+    cached = generate(tiny_model, ids, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(cached, greedy_by_recompute(tiny_model, ids, 20))
+
+
+def test_greedy_equals_transformers_generate(tiny_model):
+    hf = to_transformers(tiny_model)
+    ids = torch.randint(0, 1000, (1, 9))
+    ours = generate(tiny_model, ids, max_new_tokens=25, eos_token_id=[])
+    theirs = hf.generate(ids, max_new_tokens=25, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_real_smollm2_greedy_equals_transformers(smollm2, smollm2_tokenizer):
+    ours, theirs = smollm2
+    ids = smollm2_tokenizer("The future of AI is", return_tensors="pt")["input_ids"]
+    a = ours.generate(ids, max_new_tokens=24)
+    b = theirs.generate(ids, max_new_tokens=24, do_sample=False)
+    assert a.tolist() == b.tolist()
+
+
+def test_batched_left_padding_equals_one_by_one(tiny_model):
+    prompts = [torch.randint(3, 1000, (n,)) for n in (4, 11, 7)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
+    batched = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=15, eos_token_id=[])
+    for i, p in enumerate(prompts):
+        alone = generate(tiny_model, p[None], max_new_tokens=15, eos_token_id=[])
+        assert torch.equal(batched[i, T:], alone[0, len(p) :])
+
+
+def test_stops_at_eos_per_row(tiny_model):
+    ids = torch.randint(3, 1000, (2, 6))
+    free = generate(tiny_model, ids, max_new_tokens=10, eos_token_id=[])
+    new0 = free[0, 6:].tolist()
+    j = 0  # row 0's first new token becomes the EOS: that row stops at once
+    eos = new0[j]
+    out = generate(tiny_model, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    assert out[0, : 6 + j + 1].tolist() == free[0, : 6 + j + 1].tolist()
+    assert all(t == 0 for t in out[0, 6 + j + 1 :].tolist())
+    new1 = free[1, 6:].tolist()
+    stop1 = new1.index(eos) + 1 if eos in new1 else 10
+    assert out[1, 6 : 6 + stop1].tolist() == new1[:stop1]
+    assert eos in new1 or out.shape[1] == 16  # the other row goes on to max_new_tokens
+
+
+def test_sampling_processors_match_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    seen = torch.randint(0, 100, (3, 8))
+    theirs = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.3),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.9),
+        ]
+    )(seen, logits.clone())
+    ours = process_logits(logits, seen, True, 0.7, 20, 0.9, 1.3)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    finite = ~torch.isinf(theirs)
+    assert torch.allclose(ours[finite], theirs[finite])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_model):
+    ids = torch.randint(0, 1000, (2, 5))
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, eos_token_id=[])
+    assert torch.equal(generate(tiny_model, ids, seed=3, **kw), generate(tiny_model, ids, seed=3, **kw))
+    greedy = generate(tiny_model, ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(generate(tiny_model, ids, seed=1, top_k=1, **kw), greedy)
+
+
+def test_stream_yields_what_generate_returns(tiny_model):
+    ids = torch.randint(0, 1000, (1, 5))
+    streamed = torch.stack(list(stream_generate(tiny_model, ids, max_new_tokens=8, eos_token_id=[])), 1)
+    assert torch.equal(streamed, generate(tiny_model, ids, max_new_tokens=8, eos_token_id=[])[:, 5:])
+
+
+def test_stream_text_concatenates_to_decoded(smollm2, smollm2_tokenizer):
+    ours, _ = smollm2
+    ids = smollm2_tokenizer("Écris un poème sur la mer 🌊:", return_tensors="pt")["input_ids"]
+    text = "".join(stream_text(ours, smollm2_tokenizer, ids, max_new_tokens=12))
+    full = ours.generate(ids, max_new_tokens=12)[0, ids.shape[1] :]
+    assert text == smollm2_tokenizer.decode(full, skip_special_tokens=True)
+
+
+def test_bad_generation_input(tiny_model):
+    too_long = torch.zeros(1, tiny_model.config.max_position_embeddings, dtype=torch.long)
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        generate(tiny_model, too_long, max_new_tokens=1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        generate(tiny_model, torch.zeros(1, 3, dtype=torch.long), do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny_model, torch.zeros(1, 3, dtype=torch.long), do_sample=True, top_p=1.5)
