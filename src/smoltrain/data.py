@@ -1,0 +1,450 @@
+"""The data pipeline: a text stream -> held-out split -> on-the-fly tokenization -> seeded
+shuffle buffer -> packed blocks (or padded rows) -> a resumable DataLoader.
+
+Sources are `datasets.IterableDataset`s read in streaming mode, from the hub
+(`hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2`), local files (.jsonl/.json, .parquet, .txt,
+folders and globs) or `builtin:python-docs`, a corpus built from the Python installation.
+
+Every stage after the source keeps its state in plain Python values (the source's own
+`state_dict()`, the shuffle buffer and its RNG, the packer's leftover tokens), so
+`torchdata`'s StatefulDataLoader can snapshot it per worker and a restored loader yields
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+REFERENCE_SOURCE = "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2"
+_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class DataConfig:
+    source: str = BUILTIN_PYTHON_DOCS  # hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs
+    text_column: str = "text"  # column holding the documents (jsonl, parquet, hub)
+    txt_documents: str = "file"  # .txt files: one document per "file" or per blank-line "paragraph"
+    context_length: int = 256  # tokens per training sequence
+    mode: str = "pack"  # "pack": concatenate into full blocks; "pad": one document per row, padded
+    document_mask: bool = False  # pack mode: forbid attention across documents inside a block
+    shuffle_buffer: int = 1000  # documents in the seeded shuffle buffer (0: stream order)
+    seed: int = 0  # shuffle seed; epoch k uses seed + k
+    eval_every: int = 200  # hold out 1 in N documents (by a hash of the text) for evaluation
+    eval_source: str | None = None  # a separate evaluation source instead of the held-out split
+    num_workers: int = 0  # DataLoader worker processes per rank
+    tokenize_batch: int = 64  # documents per call to the fast tokenizer
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pack", "pad"):
+            raise ValueError(f"data.mode must be 'pack' or 'pad', got '{self.mode}'")
+        if self.txt_documents not in ("file", "paragraph"):
+            raise ValueError(f"data.txt_documents must be 'file' or 'paragraph', got '{self.txt_documents}'")
+        if self.context_length < 2:
+            raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+        if self.eval_every < 2:
+            raise ValueError(
+                f"data.eval_every must be >= 2 (1 in N documents held out), got {self.eval_every}"
+            )
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _expand_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _LOADERS and p.is_file())
+        if not files:
+            raise ValueError(f"folder '{spec}' has no .jsonl, .json, .parquet or .txt files")
+        return files
+    if path.is_file():
+        return [path]
+    files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(
+            f"data source '{spec}' matches no file; give an existing file, folder or glob, "
+            f"'{BUILTIN_PYTHON_DOCS}', or a hub dataset as hf:NAME[:CONFIG]"
+        )
+    return files
+
+
+def _read_txt(files: list[str], per_paragraph: bool) -> Iterator[dict[str, str]]:
+    skipped = 0
+    for name in files:
+        try:
+            text = Path(name).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            skipped += 1
+            log.warning("skipped %s: not UTF-8 (%s); %d file(s) skipped so far", name, e.reason, skipped)
+            continue
+        docs = text.split("\n\n") if per_paragraph else [text]
+        for doc in docs:
+            if doc.strip():
+                yield {"text": doc.strip("\n")}
+
+
+def load_dataset(*args, **kwargs):
+    """`datasets.load_dataset`, looked up here so tests can stand a local file in for the hub."""
+    import datasets
+
+    return datasets.load_dataset(*args, **kwargs)
+
+
+def open_source(spec: str, text_column: str = "text", txt_documents: str = "file"):
+    """A streaming `datasets.IterableDataset` with one column, `text`."""
+    import datasets
+
+    if spec == BUILTIN_PYTHON_DOCS:
+        files = sorted(str(p) for p in python_docs_dir().glob("*.jsonl"))
+        return load_dataset("json", data_files=files, split="train", streaming=True).select_columns(["text"])
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        ds = load_dataset(name, config or None, split="train", streaming=True)
+    else:
+        files = _expand_files(spec)
+        kinds = {_LOADERS.get(f.suffix) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise ValueError(
+                f"data source '{spec}' mixes or has unsupported file types "
+                f"({sorted({f.suffix for f in files})}); use one of .jsonl, .json, .parquet, .txt"
+            )
+        kind = kinds.pop()
+        if all(f.stat().st_size == 0 for f in files):
+            raise ValueError(f"data source '{spec}' is empty: its files hold no documents")
+        if kind == "text":
+            per_paragraph = txt_documents == "paragraph"
+            ds = datasets.IterableDataset.from_generator(
+                _read_txt, gen_kwargs={"files": [str(f) for f in files], "per_paragraph": per_paragraph}
+            )
+        else:
+            ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True)
+    columns = ds.column_names
+    if columns is None:  # some streaming builders only know their columns after a first row
+        first = next(iter(ds), None)
+        if first is None:
+            raise ValueError(f"data source '{spec}' is empty: it holds no documents")
+        columns = list(first.keys())
+    if text_column not in columns:
+        raise ValueError(
+            f"data source '{spec}' has no column '{text_column}'; its columns are {columns}: "
+            "set data.text_column to one of them"
+        )
+    ds = ds.select_columns([text_column])
+    return ds.rename_column(text_column, "text") if text_column != "text" else ds
+
+
+# ----------------------------------------------------------------------- builtin corpus
+
+# Modules whose import opens a browser, prints, needs a display or is not documentation.
+_SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip"}
+
+
+def _collect_python_docs(out_dir: str, shards: int = 8) -> None:
+    """Runs in a child process (imports have side effects): the pydoc topics and the
+    docstrings of the standard library, one document per topic or module, sorted."""
+    import contextlib
+    import importlib
+    import inspect
+    import io
+
+    import pydoc_data.topics
+
+    docs = [f"{name}\n\n{text.strip()}" for name, text in sorted(pydoc_data.topics.topics.items())]
+    for mod_name in sorted(sys.stdlib_module_names):
+        if mod_name.startswith("_") or mod_name in _SKIP_MODULES:
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                module = importlib.import_module(mod_name)
+        except Exception:
+            continue
+        # One document for the module and its functions, one per class with its methods.
+        module_part = [f"Module {mod_name}\n\n{inspect.getdoc(module) or ''}".strip()]
+        class_docs = []
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod_name:
+                continue
+            doc = inspect.getdoc(obj) if callable(obj) else None
+            if inspect.isclass(obj):
+                parts = [f"class {mod_name}.{name}\n\n{doc or ''}".strip()]
+                for meth_name, meth in sorted(vars(obj).items()):
+                    meth_doc = None if meth_name.startswith("_") else inspect.getdoc(meth)
+                    if meth_doc and callable(meth):
+                        parts.append(f"{name}.{meth_name}\n\n{meth_doc}")
+                if doc or len(parts) > 1:
+                    class_docs.append("\n\n".join(parts))
+            elif doc and (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                module_part.append(f"{mod_name}.{name}\n\n{doc}")
+        if len(module_part) > 1 or len(module_part[0]) > 200:
+            docs.append("\n\n".join(module_part))
+        docs.extend(class_docs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):  # several files, so ranks and workers split by shard
+        with open(out / f"shard-{s:02d}.jsonl", "w", encoding="utf-8") as f:
+            for doc in docs[s::shards]:
+                f.write(json.dumps({"text": doc}) + "\n")
+
+
+def python_docs_dir() -> Path:
+    """The `builtin:python-docs` corpus, built once per Python version and cached."""
+    from smoltrain.hf import cache_dir, publish_folder
+
+    version = f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    final = cache_dir() / "corpora" / f"python-docs-{version}"
+    if final.is_dir():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    code = f"from smoltrain.data import _collect_python_docs; _collect_python_docs({str(tmp)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"building {BUILTIN_PYTHON_DOCS} failed:\n{result.stderr[-2000:]}")
+    publish_folder(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------- the token stream
+
+
+def is_eval_document(text: str, every: int) -> bool:
+    """Deterministic 1-in-`every` held-out split by content hash: the same document is held
+    out in every run, on every rank, whatever the order it arrives in."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") % every == 0
+
+
+class TokenStream(IterableDataset):
+    """Documents -> (held-out filter) -> tokens + EOS -> shuffle buffer -> examples.
+
+    Examples are packed blocks (`input_ids`, `labels`, `position_ids`, each exactly
+    `context_length` long) or, in pad mode, single documents cut into rows of at most
+    `context_length` tokens. Each (rank, worker) pair reads its own part of the source.
+    """
+
+    def __init__(
+        self,
+        open_fn: Callable[[], Any],
+        tokenizer,
+        cfg: DataConfig,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        infinite: bool = True,
+    ) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; documents need one as separator")
+        self.open_fn, self.tokenizer, self.cfg = open_fn, tokenizer, cfg
+        self.split, self.rank, self.world_size, self.infinite = split, rank, world_size, infinite
+        self._state: dict[str, Any] = {}
+        self._resume: dict[str, Any] | None = None
+
+    # The StatefulDataLoader protocol: the state right after the last example yielded.
+    def state_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = state
+
+    def _open_part(self, epoch: int):
+        from datasets.distributed import split_dataset_by_node
+
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        ds = self.open_fn()
+        ds = split_dataset_by_node(
+            ds, rank=self.rank * workers + worker, world_size=self.world_size * workers
+        )
+        ds.set_epoch(epoch)
+        return ds, workers * self.world_size
+
+    def _keep(self, text: str) -> bool:
+        if self.cfg.eval_source is not None:
+            return True  # the evaluation set is a separate source
+        held_out = is_eval_document(text, self.cfg.eval_every)
+        return held_out if self.split == "eval" else not held_out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        fresh = {"epoch": 0, "epoch_docs": 0, "source": None, "rng": None}
+        lists = {"pending": [], "buffer": [], "carry": [], "starts": [], "rows": []}
+        st = self._resume or {**fresh, **lists}
+        self._resume = None
+        self._state = st
+        eos = self.tokenizer.eos_token_id
+        while True:
+            ds, parts = self._open_part(st["epoch"])
+            if st["source"] is not None:
+                ds.load_state_dict(st["source"])
+            rng = random.Random(cfg.seed + st["epoch"])
+            if st["rng"] is not None:
+                rng.setstate(_tuplify(st["rng"]))
+            source, exhausted = iter(ds), False
+            while True:
+                # 1. emit what is ready: full blocks (pack) or rows (pad)
+                while len(st["carry"]) >= cfg.context_length:
+                    yield self._block(st, cfg.context_length)
+                if st["rows"]:
+                    yield {"input_ids": st["rows"].pop(0)}
+                    continue
+                # 2. route one tokenized document through the shuffle buffer
+                if st["pending"]:
+                    doc = st["pending"].pop(0)
+                    if cfg.shuffle_buffer > 0:
+                        if len(st["buffer"]) < cfg.shuffle_buffer:
+                            st["buffer"].append(doc)
+                            continue
+                        i = rng.randrange(len(st["buffer"]))
+                        doc, st["buffer"][i] = st["buffer"][i], doc
+                        st["rng"] = rng.getstate()
+                    self._add(st, doc)
+                    continue
+                # 3. read and tokenize the next batch of documents
+                if not exhausted:
+                    texts = []
+                    for row in source:
+                        if self._keep(row["text"]):
+                            texts.append(row["text"])
+                        if len(texts) == cfg.tokenize_batch:
+                            break
+                    else:
+                        exhausted = True
+                    if texts:
+                        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                        st["pending"] = [np.array(t + [eos], dtype=np.int32) for t in ids]
+                        st["epoch_docs"] += len(texts)
+                    st["source"] = ds.state_dict()
+                    continue
+                # 4. this part of the source is done: drain the buffer in random order
+                if st["buffer"]:
+                    self._add(st, st["buffer"].pop(rng.randrange(len(st["buffer"]))))
+                    st["rng"] = rng.getstate()
+                    continue
+                break
+            if st["epoch_docs"] == 0:
+                if parts == 1:
+                    spec = cfg.eval_source if self.split == "eval" and cfg.eval_source else cfg.source
+                    raise ValueError(
+                        f"data source '{spec}' yielded no {self.split} documents; check that it is "
+                        "not empty, its text column, and data.eval_every"
+                    )
+                return  # a tiny source left this rank or worker without a part
+            if not self.infinite:
+                if st["carry"]:
+                    yield self._block(st, len(st["carry"]))  # the last partial block, padded
+                return
+            st.update(epoch=st["epoch"] + 1, epoch_docs=0, source=None, rng=None)
+
+    def _add(self, st: dict[str, Any], doc: np.ndarray) -> None:
+        if self.cfg.mode == "pack":
+            st["starts"].append(len(st["carry"]))
+            st["carry"] = st["carry"] + doc.tolist()
+        else:  # one document per row; a long one is split into several rows, never dropped
+            T = self.cfg.context_length
+            st["rows"] = st["rows"] + [doc[i : i + T].tolist() for i in range(0, len(doc), T)]
+
+    def _block(self, st: dict[str, Any], n: int) -> dict[str, Any]:
+        T = self.cfg.context_length
+        tokens, starts = st["carry"][:n], [s for s in st["starts"] if s < n]
+        st["carry"] = st["carry"][n:]
+        st["starts"] = [s - n for s in st["starts"] if s >= n]
+        # Position ids restart at every document start; a document continued from the
+        # previous block restarts at 0 too (its earlier part is not visible here).
+        positions = torch.arange(T)
+        doc_ids = torch.zeros(T, dtype=torch.long)
+        for s in starts:
+            if s > 0:
+                positions[s:] -= positions[s].clone()
+                doc_ids[s:] += 1
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((T,), pad, dtype=torch.long)
+        input_ids[:n] = torch.tensor(tokens, dtype=torch.long)
+        labels = input_ids.clone()
+        labels[n:] = -100  # the padded tail of the last block of a finite pass
+        doc_ids[n:] = -1
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "doc_ids": doc_ids}
+
+
+def _tuplify(x):
+    # random.Random state round-trips through a checkpoint as nested lists
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) boolean mask: causal, and only within a document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same_doc)[:, None]
+
+
+def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    if cfg.mode == "pad":
+        from transformers import DataCollatorForLanguageModeling
+
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "labels", "position_ids")}
+        doc_ids = torch.stack([e["doc_ids"] for e in examples])
+        if cfg.document_mask:
+            batch["attention_mask"] = document_causal_mask(doc_ids)
+        return batch
+
+    return collate_blocks
+
+
+def _open_fn(cfg: DataConfig, split: str) -> Callable[[], Any]:
+    spec = cfg.eval_source if split == "eval" and cfg.eval_source else cfg.source
+    # a partial, not a lambda: spawned workers (macOS) must pickle it
+    return functools.partial(open_source, spec, cfg.text_column, cfg.txt_documents)
+
+
+def build_loader(
+    cfg: DataConfig,
+    tokenizer,
+    batch_size: int,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """A resumable DataLoader (`state_dict()` / `load_state_dict()`) over this rank's part of
+    the source. The train split is endless (epoch after epoch); eval is one pass."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    open_fn = _open_fn(cfg, split)
+    open_fn()  # fail here, with the source's message, rather than inside a worker
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's own noise
+    if cfg.num_workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
+    stream = TokenStream(open_fn, tokenizer, cfg, split, rank, world_size, infinite=split == "train")
+    return StatefulDataLoader(
+        stream,
+        batch_size=batch_size,
+        collate_fn=make_collate(cfg, tokenizer),
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+    )
