@@ -77,7 +77,7 @@ def test_document_mask_isolates_documents(corpus, smollm2_tokenizer):
     ids, pos = batch["input_ids"][0], batch["position_ids"][0]
     starts = (pos == 0).nonzero().flatten().tolist() + [96]
     assert len(starts) > 2
-    for a, b in zip(starts, starts[1:]):
+    for a, b in zip(starts, starts[1:], strict=False):
         with torch.no_grad():
             alone = model(ids[a:b][None]).logits[0]
         assert torch.allclose(packed[0, a:b], alone, atol=1e-5)

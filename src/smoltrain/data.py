@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -166,7 +167,6 @@ def _collect_python_docs(out_dir: str, shards: int = 8) -> None:
     import importlib
     import inspect
     import io
-
     import pydoc_data.topics
 
     docs = [f"{name}\n\n{text.strip()}" for name, text in sorted(pydoc_data.topics.topics.items())]
@@ -210,7 +210,7 @@ def python_docs_dir() -> Path:
     """The `builtin:python-docs` corpus, built once per Python version and cached."""
     from smoltrain.hf import cache_dir, publish_folder
 
-    version = f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    version = f"{sys.implementation.name}-{platform.python_version()}"
     final = cache_dir() / "corpora" / f"python-docs-{version}"
     if final.is_dir():
         return final
