@@ -20,8 +20,11 @@ setup: $(BIN)/smoltrain
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The quickstart: train the tiny model on the built-in corpus, then sample from it.
 demo: setup
-	$(BIN)/smoltrain generate --model smollm2 --chat --prompt "What is gravity?" --max-new-tokens 60
+	$(BIN)/smoltrain train --config configs/quickstart.yaml --overwrite
+	$(BIN)/smoltrain generate --model runs/quickstart/final --prompt "The list" \
+		--max-new-tokens 60 --do-sample --temperature 0.8 --top-k 50 --repetition-penalty 1.2 --seed 0
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -181,3 +181,13 @@ def test_tied_weights_are_one_tensor(micro_model):
 def test_context_overflow_is_a_clear_error(micro_model):
     with pytest.raises(ValueError, match="exceeds the model's context of 128"):
         micro_model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_chunked_loss_exact_when_probabilities_underflow():
+    # a target 200 logits below the best: p(target) underflows fp32, the loss must not be inf
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weight = torch.tensor([[200.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
+    labels = torch.tensor([1, 2])
+    plain = F.cross_entropy(hidden @ weight.T, labels)
+    chunked = chunked_linear_cross_entropy(hidden, weight, labels)
+    assert torch.isfinite(chunked) and torch.allclose(plain, chunked)

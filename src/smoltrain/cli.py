@@ -113,6 +113,29 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from smoltrain.train import TrainingError, config_for_cli, train
+
+    flags = {
+        "output_dir": args.output_dir,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "log_every": args.log_every,
+        "device": args.device,
+    }
+    try:
+        cfg = config_for_cli(args.config, args.overrides, args.phase, args.checkpoint, flags)
+        train(
+            cfg,
+            phase=args.phase,
+            checkpoint=args.checkpoint,
+            stop_at_step=args.stop_at_step,
+            overwrite=args.overwrite,
+        )
+    except TrainingError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoltrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,11 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None, help="tokenizer to write beside the weights")
     c.add_argument("--dtype", default="float32")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (see configs/)",
+        description="Train from a YAML config; dotted overrides like optim.lr=3e-4 follow the flags.",
+    )
+    t.add_argument("--config", default=None, help="YAML file (configs/quickstart.yaml, ...)")
+    t.add_argument("--phase", choices=["init", "resume"], default="init")
+    t.add_argument("--checkpoint", default=None, help="resume from: step-N folder, run folder, or .../latest")
+    t.add_argument("--output-dir", default=None)
+    t.add_argument("--max-steps", type=int, default=None, help="length of the schedule")
+    t.add_argument(
+        "--stop-at-step", type=int, default=None, help="checkpoint at K and stop (schedule unchanged)"
+    )
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--log-every", type=int, default=None)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=8")
+    t.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Dotted overrides may sit between flags, which argparse's positionals do not allow.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or args.command != "train"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train":
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -32,15 +32,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE_INDEX
             y_safe = torch.where(valid, y, 0)
             logits = (h @ w.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            target = logits.gather(1, y_safe[:, None]).squeeze(1)
-            loss += ((lse - target) * valid).sum()
+            # softmax is one fused pass; it is also d(sum of losses)/d(logits) once the
+            # target's 1 is subtracted, so the loss comes from it too: -log p(target).
+            probs = torch.softmax(logits, dim=-1)
+            del logits
+            rows = torch.arange(len(y), device=y.device)
+            p_target = probs[rows, y_safe]
+            token_loss = -torch.log(p_target)
+            underflow = p_target == 0  # p < 1e-38: recompute those rows exactly
+            if underflow.any():
+                exact = hidden[start : start + chunk_size][underflow].to(compute_dtype) @ w.T
+                exact = exact.float()
+                token_loss[underflow] = (
+                    torch.logsumexp(exact, -1) - exact.gather(1, y_safe[underflow, None])[:, 0]
+                )
+            loss += torch.where(valid, token_loss, 0.0).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(y), device=y.device), y_safe] -= 1.0
-            grad *= valid[:, None]
+            grad = probs
+            grad[rows, y_safe] -= 1.0
+            grad[~valid] = 0.0  # ignored positions pass no gradient
             grad = grad.to(compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = (grad @ w).to(hidden.dtype)
@@ -63,16 +74,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+def default_chunk_size(vocab_size: int, device_type: str) -> int:
+    """Tokens per chunk. On CPU a chunk's fp32 logits stay under glibc's 32 MiB mmap
+    threshold (see `smoltrain.perf.keep_freed_memory`), so buffers are reused, not
+    page-faulted in: 170 tokens for a 49k vocabulary. GPUs want big matmuls."""
+    if device_type == "cpu":
+        return max(32, (32 << 20) // (4 * vocab_size))
+    return max(256, (1 << 30) // (4 * vocab_size))
+
+
 def chunked_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` (already aligned, -100
     ignored), equal to `F.cross_entropy(logits.float(), labels)` without keeping the logits.
     Honours autocast: the matmuls run in the autocast dtype, the softmax in fp32."""
     device_type = hidden.device.type
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], device_type)
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:

@@ -1,0 +1,145 @@
+"""Training configuration: typed dataclasses, one per concern, read from YAML with dotted
+overrides through OmegaConf (which refuses unknown keys and names the nearest valid one)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from smoltrain.config import ModelConfig, get_preset
+from smoltrain.data import DataConfig
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # a name from smoltrain.config.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
+    init_from: str | None = None  # start from these weights (any CustomLLM.from_pretrained path)
+
+    def build_config(self) -> ModelConfig:
+        return get_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # peak learning rate
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    decay_norms_and_embeddings: bool = False  # apply weight decay to 1-D weights and embeddings too
+    fused: bool | None = None  # fused AdamW kernel; None: on CUDA only
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "linear"  # linear | cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 500  # linear warmup from 0 to lr
+    max_steps: int = 5000  # optimizer steps in the schedule; the run ends here
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
+    past_end_lr: float = 0.0  # lr for steps beyond max_steps (the resume phase's extra steps)
+
+
+@dataclass
+class TrainLoopConfig:
+    micro_batch_size: int = 4  # sequences per forward pass per process
+    grad_accum_steps: int = 8  # micro-batches per optimizer step
+    global_batch_size: int | None = None  # if set, grad_accum_steps = global / (micro * processes)
+    precision: str = (
+        "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on CUDA (fp16 if unsupported), fp32 elsewhere
+    )
+    device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
+    seed: int = 42
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False
+    max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
+    mps_empty_cache_every: int = 50  # release cached MPS memory every N steps (0: never)
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: measured once
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 100  # optimizer steps between log lines
+    eval_every: int = 500
+    eval_batches: int = 20  # batches of the held-out split per evaluation
+    sample_every: int = 500
+    sample_prompt: str = "The future of AI is"
+    sample_tokens: int = 40
+    sample_temperature: float = 0.8  # 0: greedy; sampling (seeded) reads better from small models
+    sample_top_k: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # older step-N folders are removed
+    trackers: list[str] = field(default_factory=list)  # any of: wandb, tensorboard
+    project: str = "smoltrain"  # tracker project name
+    progress_bar: bool = True
+
+
+@dataclass
+class ResumeConfig:
+    extra_steps: int = 50  # steps a resume of a finished run adds (the reference's phase "resume")
+    log_every: int = 10  # log interval during those steps
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: str = "smollm2"  # a load_tokenizer spec
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    if isinstance(e, ConfigKeyError) and "Did you mean" not in msg:
+        key = getattr(e, "full_key", "") or ""
+        parent = OmegaConf.structured(TrainConfig)
+        *path, leaf = key.split(".") if key else [""]
+        try:
+            node = OmegaConf.select(parent, ".".join(path)) if path else parent
+            close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+            if close:
+                msg += f" Did you mean '{'.'.join([*path, close[0]])}'?"
+        except Exception:
+            pass
+    return msg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults <- `base` (e.g. a checkpoint's resolved config) <- YAML file <- dotted
+    overrides like `optim.lr=3e-4`. Unknown keys and wrong types are errors."""
+    try:
+        cfg = OmegaConf.structured(TrainConfig)
+        if base is not None:
+            cfg = OmegaConf.merge(cfg, base)
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like key.sub=value, got {bad}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))
+        result = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"bad config: {_explain(e)}") from None
+    result.model.build_config()  # unknown model overrides fail here, with the nearest key
+    return result

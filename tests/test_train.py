@@ -1,0 +1,308 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smoltrain.train import lr_at
+from smoltrain.train_config import ScheduleConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(path: Path, n: int = 200) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = "the model reads text and learns which word comes next in a long stream of tokens".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps(
+                    {"text": f"{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))}
+                )
+                + "\n"
+            )
+    return path
+
+
+def small_run_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    corpus = tmp_path / "corpus.jsonl"
+    if not corpus.exists():
+        write_corpus(corpus)
+    return [
+        "--config",
+        str(REPO / "configs/quickstart.yaml"),
+        "--output-dir",
+        str(tmp_path / out),
+        "--device",
+        "cpu",
+        f"data.source={corpus}",
+        "data.context_length=32",
+        "data.shuffle_buffer=8",
+        "data.eval_every=10",
+        "model.overrides.num_hidden_layers=1",
+        "model.overrides.hidden_size=64",
+        "model.overrides.intermediate_size=128",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "train.precision=fp32",
+        "train.peak_flops=1e11",
+        "schedule.warmup_steps=2",
+        "log.eval_batches=2",
+        "log.progress_bar=false",
+        *extra,
+    ]
+
+
+def smoltrain(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "smoltrain", "train", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_reference_schedule():
+    s = ScheduleConfig(kind="linear", warmup_steps=500, max_steps=5000)
+    assert math.isclose(lr_at(100, 2e-4, s), 4e-5)
+    assert math.isclose(lr_at(500, 2e-4, s), 2e-4)
+    assert math.isclose(lr_at(600, 2e-4, s), 1.9556e-4, rel_tol=1e-4)
+    assert lr_at(5000, 2e-4, s) == 0.0
+    s.past_end_lr = 2e-5
+    assert lr_at(5001, 2e-4, s) == 2e-5
+    cos = ScheduleConfig(kind="cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert math.isclose(lr_at(60, 1.0, cos), 0.55) and math.isclose(lr_at(110, 1.0, cos), 0.1)
+    wsd = ScheduleConfig(kind="wsd", warmup_steps=10, max_steps=110, decay_fraction=0.2)
+    assert (
+        lr_at(90, 1.0, wsd) == 1.0 and math.isclose(lr_at(100, 1.0, wsd), 0.5) and lr_at(110, 1.0, wsd) == 0.0
+    )
+
+
+def test_reference_config_is_the_reference_run():
+    cfg = load_config(REPO / "configs/smollm2-135m-cosmopedia.yaml")
+    assert cfg.model.preset == "smollm2-135m" and cfg.model.build_config().num_params() == 134_515_008
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.data.context_length) == (4, 8, 256)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (2e-4, 0.01)
+    assert (cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.schedule.max_steps) == ("linear", 500, 5000)
+    assert (cfg.log.log_every, cfg.log.eval_every, cfg.log.sample_every) == (100, 500, 500)
+    assert cfg.data.source == "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2"
+    assert (cfg.resume.extra_steps, cfg.resume.log_every) == (50, 10)
+
+
+def test_unknown_config_key_names_the_nearest():
+    with pytest.raises(ValueError, match="did you mean 'optim.lr'|Did you mean.*lr"):
+        load_config(overrides=["optim.lrr=1"])
+    with pytest.raises(ValueError, match="did you mean 'hidden_size'"):
+        load_config(overrides=["model.overrides.hiden_size=64"])
+    result = smoltrain(
+        "--config", str(REPO / "configs/quickstart.yaml"), "train.micro_batchsize=2", check=False
+    )
+    assert result.returncode != 0 and "micro_batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    smoltrain(*small_run_args(tmp_path, "straight", "--max-steps", "8", "log.log_every=1"))
+    smoltrain(
+        *small_run_args(tmp_path, "resumed", "--max-steps", "8", "log.log_every=1", "--stop-at-step", "4")
+    )
+    assert (tmp_path / "resumed/checkpoints/step-4/COMPLETE").is_file()
+    assert not (tmp_path / "resumed/final").exists()  # stopping early is not the end of the run
+    smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "resumed/checkpoints/latest"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert list(straight) == list(range(1, 9)) and list(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert straight[step] == resumed[step], step  # bitwise: the same float
+    assert straight[8] < straight[1]
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    smoltrain(
+        *small_run_args(
+            tmp_path,
+            "accum",
+            "--max-steps",
+            "1",
+            "train.micro_batch_size=4",
+            "train.grad_accum_steps=8",
+            "optim.grad_clip=0",
+            "data.shuffle_buffer=0",
+        )
+    )
+    smoltrain(
+        *small_run_args(
+            tmp_path,
+            "big",
+            "--max-steps",
+            "1",
+            "train.micro_batch_size=32",
+            "train.grad_accum_steps=1",
+            "optim.grad_clip=0",
+            "data.shuffle_buffer=0",
+        )
+    )
+    a = load_file(tmp_path / "accum/final/model.safetensors")
+    b = load_file(tmp_path / "big/final/model.safetensors")
+    init = None
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert init is None and not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"]))
+
+
+def test_final_folder_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smoltrain.hf import load_model
+
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "3"))
+    out = tmp_path / "run"
+    for name in ("metrics.jsonl", "loss.png", "final/model.safetensors", "final/tokenizer.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert any("eval_loss" in r and "perplexity" in r for r in rows)
+    assert any(r.get("sample", "").startswith("The future of AI is") for r in rows)
+    hf = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    ours = load_model(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("The model reads", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-5
+    # a step-N checkpoint is itself a model folder
+    step = (out / "checkpoints/latest").read_text().strip()
+    assert load_model(out / "checkpoints" / step).num_parameters() == ours.num_parameters()
+
+
+def test_refuses_to_overwrite_another_run(tmp_path):
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "1"))
+    again = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "1"), check=False)
+    assert again.returncode != 0 and "already holds a run; pass --overwrite" in again.stderr
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "1", "--overwrite"))
+
+
+def test_resume_errors(tmp_path):
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"))
+    ckpt = tmp_path / "run/checkpoints/step-2"
+    other = smoltrain(
+        "--phase", "resume", "--checkpoint", str(ckpt), "model.overrides.hidden_size=128", check=False
+    )
+    assert other.returncode != 0 and "resume with the same model config" in other.stderr
+    missing = smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "nope"), check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    (ckpt / "COMPLETE").unlink()
+    corrupt = smoltrain("--phase", "resume", "--checkpoint", str(ckpt), check=False)
+    assert corrupt.returncode != 0 and "incomplete or corrupt" in corrupt.stderr
+    assert "Traceback" not in missing.stderr + corrupt.stderr + other.stderr
+
+
+def test_resume_of_finished_run_adds_the_extra_steps(tmp_path):
+    smoltrain(
+        *small_run_args(
+            tmp_path,
+            "run",
+            "--max-steps",
+            "4",
+            "resume.extra_steps=3",
+            "resume.log_every=1",
+            "schedule.past_end_lr=1e-4",
+        )
+    )
+    smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "run"))
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    extra = [r for r in rows if "lr" in r and r["step"] > 4]
+    assert [r["step"] for r in extra] == [5, 6, 7] and all(r["lr"] == 1e-4 for r in extra)
+
+
+def test_non_finite_loss_skips_then_stops(tmp_path):
+    result = smoltrain(
+        *small_run_args(
+            tmp_path,
+            "nan",
+            "--max-steps",
+            "10",
+            "optim.lr=1e30",
+            "optim.grad_clip=0",
+            "schedule.warmup_steps=0",
+            "train.max_bad_steps=2",
+            "log.checkpoint_every=1",
+            "log.log_every=1",
+        ),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "non-finite steps in a row" in result.stderr and "step skipped" in result.stderr
+    latest = (tmp_path / "nan/checkpoints/latest").read_text().strip()
+    assert (tmp_path / "nan/checkpoints" / latest / "COMPLETE").is_file()
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import smoltrain.train as train_mod
+mode = sys.argv[1]
+real_save = train_mod.torch.save  # torch.save itself: accelerate's save_state calls it too
+def save(obj, path, *a, **k):
+    if ".step-4.tmp" in str(path):  # inside the second checkpoint, after the first completed
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(28, "No space left on device")
+    return real_save(obj, path, *a, **k)
+train_mod.torch.save = save
+from smoltrain.cli import main
+main(["train", *sys.argv[2:]])
+"""
+
+
+@pytest.mark.parametrize("mode", ["kill", "disk-full"])
+def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, mode):
+    args = small_run_args(tmp_path, "run", "--max-steps", "6", "log.checkpoint_every=2")
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, mode, *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    root = tmp_path / "run/checkpoints"
+    assert (root / "latest").read_text().strip() == "step-2"
+    assert (root / "step-2/COMPLETE").is_file() and not (root / "step-4").exists()
+    if mode == "disk-full":
+        assert "No space left on device" in result.stderr and "step-2" in result.stderr
+        assert not (root / ".step-4.tmp").exists()
+    # and the run resumes from the intact checkpoint to the end
+    smoltrain("--phase", "resume", "--checkpoint", str(root / "latest"))
+    assert (tmp_path / "run/final/model.safetensors").is_file()
+    assert not list(root.glob(".step-*.tmp"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    args = small_run_args(
+        tmp_path, "run", "--max-steps", "100000", "log.log_every=1", "log.checkpoint_every=100000"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smoltrain", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "saving a checkpoint" in err
+    latest = (tmp_path / "run/checkpoints/latest").read_text().strip()
+    last_logged = max(losses(tmp_path / "run"))
+    assert latest == f"step-{last_logged}"
+    assert os.path.isfile(tmp_path / "run/checkpoints" / latest / "COMPLETE")
