@@ -150,7 +150,9 @@ def test_ranks_split_documents_without_overlap(corpus, smollm2_tokenizer):
 def test_resume_when_sharded_across_ranks(tmp_path, smollm2_tokenizer):
     for s in range(2):
         write_jsonl(tmp_path / f"part-{s}.jsonl", make_docs(20, seed=s))
-    cfg = DataConfig(source=str(tmp_path), context_length=40, shuffle_buffer=5, eval_every=NEVER)
+    cfg = DataConfig(
+        source=str(tmp_path), context_length=40, shuffle_buffer=5, eval_every=NEVER, rank_split="document"
+    )
     for rank in range(2):
         reference = take(iter(build_loader(cfg, smollm2_tokenizer, 2, rank=rank, world_size=2)), 12)
         loader = build_loader(cfg, smollm2_tokenizer, 2, rank=rank, world_size=2)
@@ -263,3 +265,18 @@ def test_long_documents_are_split_not_dropped(tmp_path, smollm2_tokenizer):
     ]
     assert len(rows) == -(-len(ids) // 50)
     assert sum((r["input_ids"] for r in rows), []) == ids
+
+
+def test_micro_batch_split_is_the_one_rank_stream_dealt_out(corpus, smollm2_tokenizer):
+    cfg = DataConfig(source=str(corpus), context_length=32, shuffle_buffer=4, eval_every=NEVER)
+    single = take(iter(build_loader(cfg, smollm2_tokenizer, 2)), 8)
+    ranks = [take(iter(build_loader(cfg, smollm2_tokenizer, 2, rank=r, world_size=2)), 4) for r in range(2)]
+    for i, batch in enumerate(single):
+        assert torch.equal(batch["input_ids"], ranks[i % 2][i // 2]["input_ids"])
+    # the saved position is global: a 2-rank state resumes a 1-rank loader at the same place
+    loader = build_loader(cfg, smollm2_tokenizer, 2, rank=1, world_size=2)
+    it = iter(loader)
+    take(it, 3)
+    one = build_loader(cfg, smollm2_tokenizer, 2)
+    one.load_state_dict(loader.state_dict())
+    assert torch.equal(next(iter(one))["input_ids"], single[6]["input_ids"])

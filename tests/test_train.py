@@ -243,7 +243,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path):
         check=False,
     )
     assert result.returncode != 0
-    assert "non-finite steps in a row" in result.stderr and "step skipped" in result.stderr
+    assert "non-finite steps in a row" in result.stderr and "not finite; skipped" in result.stderr
     latest = (tmp_path / "nan/checkpoints/latest").read_text().strip()
     assert (tmp_path / "nan/checkpoints" / latest / "COMPLETE").is_file()
 

@@ -53,6 +53,11 @@ class DataConfig:
     eval_every: int = 200  # hold out 1 in N documents (by a hash of the text) for evaluation
     eval_source: str | None = None  # a separate evaluation source instead of the held-out split
     num_workers: int = 0  # DataLoader worker processes per rank
+    # How ranks share the stream. "micro_batch": every rank reads the same stream and rank r
+    # takes micro-batches r, r+W, ...: a run (and its checkpoints) is the same for any process
+    # count. "document": each rank reads only its own part of the source (less reading on
+    # many nodes); its position resumes only on the same process count.
+    rank_split: str = "micro_batch"
     tokenize_batch: int = 64  # documents per call to the fast tokenizer
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class DataConfig:
             raise ValueError(f"data.txt_documents must be 'file' or 'paragraph', got '{self.txt_documents}'")
         if self.context_length < 2:
             raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+        if self.rank_split not in ("micro_batch", "document"):
+            raise ValueError(f"data.rank_split must be 'micro_batch' or 'document', got '{self.rank_split}'")
         if self.eval_every < 2:
             raise ValueError(
                 f"data.eval_every must be >= 2 (1 in N documents held out), got {self.eval_every}"
@@ -423,6 +430,34 @@ def _open_fn(cfg: DataConfig, split: str) -> Callable[[], Any]:
     return functools.partial(open_source, spec, cfg.text_column, cfg.txt_documents)
 
 
+class RankSlice:
+    """Rank r of W takes micro-batches r, r+W, r+2W, ... of a stream every rank reads alike.
+    At every optimizer step boundary all ranks have pulled the same number of micro-batches,
+    so the inner loader's state is one global position, valid for any process count."""
+
+    def __init__(self, loader, rank: int, world_size: int) -> None:
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        inner = iter(self.loader)
+        while True:
+            group = []
+            for batch in inner:
+                group.append(batch)
+                if len(group) == self.world_size:
+                    break
+            if self.rank < len(group):
+                yield group[self.rank]
+            if len(group) < self.world_size:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
 def build_loader(
     cfg: DataConfig,
     tokenizer,
@@ -431,8 +466,9 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
 ):
-    """A resumable DataLoader (`state_dict()` / `load_state_dict()`) over this rank's part of
-    the source. The train split is endless (epoch after epoch); eval is one pass."""
+    """A resumable loader (`state_dict()` / `load_state_dict()`) of this rank's micro-batches
+    (see `DataConfig.rank_split`). The train split is endless (epoch after epoch); eval is
+    one pass."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     open_fn = _open_fn(cfg, split)
@@ -440,11 +476,21 @@ def build_loader(
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's own noise
     if cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
-    stream = TokenStream(open_fn, tokenizer, cfg, split, rank, world_size, infinite=split == "train")
-    return StatefulDataLoader(
+    by_document = cfg.rank_split == "document"
+    stream = TokenStream(
+        open_fn,
+        tokenizer,
+        cfg,
+        split,
+        rank if by_document else 0,
+        world_size if by_document else 1,
+        infinite=split == "train",
+    )
+    loader = StatefulDataLoader(
         stream,
         batch_size=batch_size,
         collate_fn=make_collate(cfg, tokenizer),
         num_workers=cfg.num_workers,
         persistent_workers=False,
     )
+    return loader if by_document or world_size == 1 else RankSlice(loader, rank, world_size)

@@ -107,7 +107,9 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 @torch.no_grad()
 def evaluate(model, accelerator, cfg: TrainConfig, tokenizer) -> float:
     """Mean token loss over the first `eval_batches` batches of the held-out split,
-    summed over all ranks' shards before dividing."""
+    summed over all ranks' shards before dividing. Ranks may hold different numbers of
+    batches, so the forward runs on the unwrapped module (no collectives inside)."""
+    model = accelerator.unwrap_model(model)
     model.eval()
     data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "num_workers": 0, "shuffle_buffer": 0})
     loader = build_loader(
@@ -183,7 +185,10 @@ def save_checkpoint(accelerator, model, loader, cfg: TrainConfig, state: RunStat
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))  # model, optimizer, every rank's RNG states
-        torch.save(loader.state_dict(), tmp / f"data-rank{accelerator.process_index}.pt")
+        if cfg.data.rank_split == "document":  # one position per rank
+            torch.save(loader.state_dict(), tmp / f"data-rank{accelerator.process_index}.pt")
+        elif accelerator.is_main_process:  # one global position, the same on every rank
+            torch.save(loader.state_dict(), tmp / "data.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
@@ -286,8 +291,12 @@ def setup_accelerator(cfg: TrainConfig):
     trackers = list(cfg.log.trackers)
     if "wandb" in trackers and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally, sync later
+    from accelerate.utils import DistributedDataParallelKwargs
+
     accelerator = Accelerator(
         cpu=cpu,
+        # the rotary tables are buffers computed identically on every rank: no broadcast
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         mixed_precision={"fp32": "no"}.get(precision, precision),
         log_with=trackers or None,
         project_dir=cfg.output_dir,
@@ -503,9 +512,10 @@ def train(
                 state.bad_steps += 1
                 state.skipped_steps += 1
                 state.step += 1
-                print(
-                    f"step {state.step}: loss {step_loss.item()} is not finite; step skipped", file=sys.stderr
-                )
+                if accelerator.is_main_process:
+                    print(
+                        f"step {state.step}: loss {step_loss.item()} is not finite; skipped", file=sys.stderr
+                    )
                 if state.bad_steps >= t.max_bad_steps:
                     raise TrainingError(
                         f"{state.bad_steps} non-finite steps in a row at step {state.step}; stopping. "
@@ -542,10 +552,10 @@ def train(
             if step % cfg.log.eval_every == 0 or step == end_step:
                 eval_loss = evaluate(model, accelerator, cfg, tokenizer)
                 last["eval_loss"] = eval_loss
-                metrics.write(step, eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
-                bar.write(
-                    f"step {step}: eval loss {eval_loss:.3f} (perplexity {math.exp(min(eval_loss, 50)):.1f})"
-                )
+                perplexity = math.exp(min(eval_loss, 50))
+                metrics.write(step, eval_loss=eval_loss, perplexity=perplexity)
+                if accelerator.is_main_process:
+                    bar.write(f"step {step}: eval loss {eval_loss:.3f} (perplexity {perplexity:.1f})")
             if accelerator.is_main_process and (step % cfg.log.sample_every == 0 or step == end_step):
                 text = sample(raw_model, tokenizer, cfg)
                 metrics.write(step, sample=text)
@@ -596,13 +606,17 @@ def restore_checkpoint(path: Path, accelerator, loader, cfg: TrainConfig) -> Run
             "model config (or start a new run with model.init_from)"
         )
     accelerator.load_state(str(path))
-    data_state = path / f"data-rank{accelerator.process_index}.pt"
-    if data_state.is_file() and run.get("world_size", 1) == accelerator.num_processes:
-        loader.load_state_dict(torch.load(data_state, weights_only=False))
-    else:
+    global_state = path / "data.pt"
+    rank_state = path / f"data-rank{accelerator.process_index}.pt"
+    if cfg.data.rank_split == "micro_batch" and global_state.is_file():
+        loader.load_state_dict(torch.load(global_state, weights_only=False))
+    elif rank_state.is_file() and run.get("world_size", 1) == accelerator.num_processes:
+        loader.load_state_dict(torch.load(rank_state, weights_only=False))
+    elif accelerator.is_main_process:
         print(
-            f"note: the data position of {path} was saved by {run.get('world_size')} process(es); "
-            f"this run has {accelerator.num_processes}, so the stream restarts at a new epoch",
+            f"note: the data position of {path} was saved per rank by {run.get('world_size')} "
+            f"process(es) (data.rank_split=document); this run has {accelerator.num_processes}, "
+            "so the stream starts over (data.rank_split=micro_batch resumes on any count)",
             file=sys.stderr,
         )
     state = RunState(**run["state"])

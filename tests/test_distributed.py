@@ -1,0 +1,95 @@
+"""Several processes on CPU with the gloo backend, launched as users do (torchrun)."""
+
+import subprocess
+import sys
+import time
+
+from .test_train import losses, small_run_args
+
+
+def launch(
+    nproc: int, *args: str, script: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    target = [script] if script else ["-m", "smoltrain", "train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *target,
+    ]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def run_args(tmp_path, out, *extra):
+    # the global batch is fixed (8 sequences); accumulation follows the process count
+    return small_run_args(
+        tmp_path, out, "--max-steps", "10", "log.log_every=1", "train.global_batch_size=8", *extra
+    )
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for step in steps:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_two_processes_follow_the_one_process_trajectory(tmp_path):
+    one = launch(1, *run_args(tmp_path, "one"))
+    two = launch(2, *run_args(tmp_path, "two"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 x 4 accumulation x 1 process(es)" in one.stdout
+    assert "2 x 2 accumulation x 2 process(es)" in two.stdout
+    assert two.stdout.count(": eval loss") == one.stdout.count(": eval loss") == 1  # once, not per rank
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert list(a) == list(range(1, 11))
+    assert_close(a, b, range(1, 11))
+
+
+def test_checkpoints_resume_on_another_process_count(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert launch(1, *run_args(tmp_path, "straight")).returncode == 0
+    straight = losses(tmp_path / "straight")
+    for first, second, name in ((2, 1, "two-then-one"), (1, 2, "one-then-two")):
+        started = launch(first, *run_args(tmp_path, name, "--stop-at-step", "5"))
+        assert started.returncode == 0, started.stderr[-3000:]
+        resumed = launch(second, "--phase", "resume", "--checkpoint", str(tmp_path / name))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_close(straight, losses(tmp_path / name), range(1, 11))
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "final")
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
+FAILING_RANK = """
+import os, sys
+import torch
+calls = []
+real_step = torch.optim.AdamW.step
+def step(self, *args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("injected failure on rank 1")
+    return real_step(self, *args, **kwargs)
+torch.optim.AdamW.step = step
+from smoltrain.cli import main
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_a_failing_rank_ends_the_launch(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_RANK)
+    start = time.time()
+    result = launch(2, *run_args(tmp_path, "fail"), script=str(script), timeout=240)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stdout + result.stderr
+    assert time.time() - start < 120  # no hang waiting on the dead rank
+
+
+def test_global_batch_must_divide(tmp_path):
+    result = launch(2, *run_args(tmp_path, "bad", "train.global_batch_size=6", "train.micro_batch_size=4"))
+    assert result.returncode != 0
+    assert "global_batch_size 6 is not divisible by micro_batch_size 4 x 2 processes" in result.stderr
