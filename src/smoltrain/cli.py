@@ -136,6 +136,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from smoltrain.app import build_app
+
+    demo = build_app(args.model, args.tokenizer, device=pick_device(args.device))
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoltrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=8")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve", help="serve a model in a Gradio web app")
+    s.add_argument("--model", default="smollm2", help="HF folder, run's final/ or step-N, .gguf, hub name")
+    s.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,176 @@
+"""A Gradio text-generation app: any model `CustomLLM.from_pretrained` reads, streamed token
+by token through the KV-cache generator. `smoltrain serve` runs it locally; `app.py` at the
+repository root runs it as a Hugging Face Space."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smoltrain.generate import stream_text
+from smoltrain.hf import load_model, resolve_checkpoint
+from smoltrain.model import CustomLLM
+from smoltrain.tokenizer import check_tokenizer_fits, load_tokenizer
+
+CONTINUE, CHAT = "Continue text", "Chat"
+
+
+@dataclass
+class Limits:
+    """Accepted ranges; the sliders show them and requests outside them are refused."""
+
+    max_new_tokens: tuple[int, int] = (1, 1024)
+    temperature: tuple[float, float] = (0.0, 2.0)  # 0: greedy
+    top_k: tuple[int, int] = (0, 500)  # 0: off
+    top_p: tuple[float, float] = (0.01, 1.0)
+    repetition_penalty: tuple[float, float] = (1.0, 2.0)
+
+
+def load_for_serving(model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu"):
+    model = load_model(model_spec, device=device)
+    if tokenizer_spec is None:
+        path = resolve_checkpoint(model_spec)
+        has_own = path.suffix == ".gguf" or (path / "tokenizer.json").is_file()
+        tokenizer_spec = str(path) if has_own else "smollm2"
+    tokenizer = load_tokenizer(tokenizer_spec)
+    check_tokenizer_fits(model.config.vocab_size, tokenizer)
+    return model, tokenizer
+
+
+def check_request(
+    prompt: str, max_new_tokens, temperature, top_k, top_p, repetition_penalty, limits: Limits
+) -> None:
+    """Raise ValueError with a message for the page when a request cannot be served."""
+    if not prompt or not prompt.strip():
+        raise ValueError("Enter a prompt first.")
+    values = {
+        "max new tokens": (max_new_tokens, limits.max_new_tokens),
+        "temperature": (temperature, limits.temperature),
+        "top-k": (top_k, limits.top_k),
+        "top-p": (top_p, limits.top_p),
+        "repetition penalty": (repetition_penalty, limits.repetition_penalty),
+    }
+    for name, (value, (low, high)) in values.items():
+        if value is None or not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
+
+
+def prompt_ids(tokenizer, prompt: str, mode: str) -> torch.Tensor:
+    if mode == CHAT:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def stream_reply(
+    model: CustomLLM,
+    tokenizer,
+    prompt: str,
+    mode: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    limits: Limits | None = None,
+):
+    """Yield (text so far, stats line). Errors are ValueErrors with a message for the page."""
+    check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, limits or Limits())
+    ids = prompt_ids(tokenizer, prompt, mode)
+    context = model.config.max_position_embeddings
+    if ids.shape[1] >= context:
+        raise ValueError(
+            f"The prompt is {ids.shape[1]:,} tokens; this model reads at most {context:,}. Shorten it."
+        )
+    eos = [t for t in {model.config.eos_token_id, tokenizer.eos_token_id} if t is not None]
+    greedy = temperature == 0
+    start = time.perf_counter()
+    first = None
+    text, pieces = "", 0
+    for piece in stream_text(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=int(max_new_tokens),
+        do_sample=not greedy,
+        temperature=1.0 if greedy else float(temperature),
+        top_k=int(top_k) or None,
+        top_p=float(top_p),
+        repetition_penalty=float(repetition_penalty),
+        eos_token_id=eos,
+    ):
+        first = first or time.perf_counter() - start
+        text += piece
+        pieces += 1
+        yield text, ""
+    elapsed = time.perf_counter() - start
+    new_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+    rate = new_tokens / max(elapsed - (first or 0), 1e-9) if new_tokens > 1 else 0.0
+    stats = f"{new_tokens} tokens · first token {1000 * (first or 0):.0f} ms · {rate:.1f} tokens/s"
+    yield text, stats
+
+
+def build_app(model_spec: str = "smollm2", tokenizer_spec: str | None = None, device: str = "cpu"):
+    import gradio as gr
+
+    model, tokenizer = load_for_serving(model_spec, tokenizer_spec, device)
+    limits = Limits()
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    name = Path(str(model_spec)).name if model_spec != "smollm2" else "SmolLM2-135M-Instruct (bundled)"
+
+    def respond(prompt, mode, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+        try:
+            yield from stream_reply(
+                model,
+                tokenizer,
+                prompt,
+                mode,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                limits,
+            )
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Blocks(title=f"smoltrain · {name}") as demo:
+        gr.Markdown(
+            f"## {name}\n{model.num_parameters():,} parameters · context {model.config.max_position_embeddings:,}"
+            f" tokens · served by smoltrain",
+            elem_id="model-info",
+        )
+        mode = gr.Radio(
+            [CONTINUE, CHAT] if has_chat else [CONTINUE],
+            value=CHAT if has_chat else CONTINUE,
+            label="Mode",
+            elem_id="mode",
+        )
+        prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt")
+        with gr.Row():
+            run = gr.Button("Generate", variant="primary", elem_id="generate")
+            stop = gr.Button("Stop", elem_id="stop")
+        output = gr.Textbox(label="Output", lines=10, elem_id="output", interactive=False)
+        stats = gr.Markdown(elem_id="stats")
+        with gr.Accordion("Sampling", open=False):
+            max_new_tokens = gr.Slider(*limits.max_new_tokens, value=128, step=1, label="Max new tokens")
+            temperature = gr.Slider(
+                *limits.temperature, value=0.0, step=0.05, label="Temperature (0: greedy)"
+            )
+            top_k = gr.Slider(*limits.top_k, value=50, step=1, label="Top-k (0: off)")
+            top_p = gr.Slider(*limits.top_p, value=1.0, step=0.01, label="Top-p")
+            repetition_penalty = gr.Slider(
+                *limits.repetition_penalty, value=1.1, step=0.01, label="Repetition penalty"
+            )
+        inputs = [prompt, mode, max_new_tokens, temperature, top_k, top_p, repetition_penalty]
+        event = run.click(respond, inputs=inputs, outputs=[output, stats], api_name="generate")
+        submitted = prompt.submit(respond, inputs=inputs, outputs=[output, stats], api_name=False)
+        stop.click(None, cancels=[event, submitted])
+    # The queue serves requests in order and streams their updates; two at a time share the CPU.
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo

@@ -1,0 +1,147 @@
+"""The web app, driven as a person would: a real headless Chromium against `smoltrain serve`."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from smoltrain.app import CHAT, CONTINUE, stream_reply
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+GREEDY = dict(max_new_tokens=24, temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smoltrain",
+            "serve",
+            "--model",
+            "smollm2",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read()) from None
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def expected(smollm2, tokenizer, prompt: str, mode: str, **settings) -> str:
+    model, _ = smollm2
+    text = ""
+    for text, _ in stream_reply(model, tokenizer, prompt, mode, **settings):
+        pass
+    return text
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+def test_page_streams_the_greedy_continuation(server, browser, smollm2, smollm2_tokenizer, tmp_path):
+    prompt = "Gravity is"
+    want = expected(smollm2, smollm2_tokenizer, prompt, CONTINUE, **{**GREEDY, "max_new_tokens": 128})
+    page = browser.new_page()
+    page.goto(server)
+    page.get_by_label(CONTINUE).check()
+    page.locator("#prompt textarea").fill(prompt)
+    assert "134,515,008 parameters" in page.locator("#model-info").inner_text()
+    page.locator("#generate").click()
+    output = page.locator("#output textarea")
+    seen, deadline = [], time.time() + 120
+    while time.time() < deadline:
+        seen.append(output.input_value())
+        if "tokens/s" in page.locator("#stats").inner_text():
+            break
+        time.sleep(0.1)
+    final = output.input_value()
+    page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+    lengths = [len(s) for s in seen]
+    assert lengths == sorted(lengths)  # the text only grows
+    assert len({n for n in lengths if 0 < n < len(final)}) >= 3  # ...and arrives in pieces
+    assert final == want
+    assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_empty_prompt_shows_a_message(server, browser):
+    page = browser.new_page()
+    page.goto(server)
+    page.locator("#generate").click()
+    page.get_by_text("Enter a prompt first.").first.wait_for(timeout=30_000)
+
+
+def test_four_concurrent_requests_all_answered(server, smollm2, smollm2_tokenizer):
+    from gradio_client import Client
+
+    prompts = ["The ocean is", "Python is a language", "My favourite food", "In 1492,"]
+    client = Client(server, verbose=False)
+    args = [GREEDY[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")]
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(client.predict, p, CONTINUE, *args, api_name="/generate") for p in prompts]
+        answers = [job.result(timeout=300) for job in jobs]
+    for prompt, (text, stats) in zip(prompts, answers, strict=True):
+        assert text == expected(smollm2, smollm2_tokenizer, prompt, CONTINUE, **GREEDY)
+        assert "tokens/s" in stats
+
+
+def test_bad_requests_get_messages(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError, match="Enter a prompt first"):
+        client.predict("   ", CHAT, 10, 0.0, 50, 1.0, 1.1, api_name="/generate")
+    with pytest.raises(AppError, match="reads at most 8,192"):
+        client.predict("word " * 9000, CONTINUE, 10, 0.0, 50, 1.0, 1.1, api_name="/generate")
+    with pytest.raises(AppError, match="maximum value 2"):
+        client.predict("hi", CONTINUE, 10, 5.0, 50, 1.0, 1.1, api_name="/generate")
