@@ -59,9 +59,7 @@ def server():
 
 def expected(smollm2, tokenizer, prompt: str, mode: str, **settings) -> str:
     model, _ = smollm2
-    text = ""
-    for text, _ in stream_reply(model, tokenizer, prompt, mode, **settings):
-        pass
+    *_, (text, _stats) = stream_reply(model, tokenizer, prompt, mode, **settings)
     return text
 
 

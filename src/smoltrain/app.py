@@ -140,9 +140,10 @@ def build_app(model_spec: str = "smollm2", tokenizer_spec: str | None = None, de
             raise gr.Error(str(e)) from None
 
     with gr.Blocks(title=f"smoltrain · {name}") as demo:
+        context = model.config.max_position_embeddings
         gr.Markdown(
-            f"## {name}\n{model.num_parameters():,} parameters · context {model.config.max_position_embeddings:,}"
-            f" tokens · served by smoltrain",
+            f"## {name}\n{model.num_parameters():,} parameters · context {context:,} tokens"
+            " · served by smoltrain",
             elem_id="model-info",
         )
         mode = gr.Radio(
