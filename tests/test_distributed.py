@@ -93,3 +93,23 @@ def test_global_batch_must_divide(tmp_path):
     result = launch(2, *run_args(tmp_path, "bad", "train.global_batch_size=6", "train.micro_batch_size=4"))
     assert result.returncode != 0
     assert "global_batch_size 6 is not divisible by micro_batch_size 4 x 2 processes" in result.stderr
+
+
+def test_fsdp_follows_the_one_process_trajectory_and_resumes_on_one(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert launch(1, *run_args(tmp_path, "one")).returncode == 0
+    one = losses(tmp_path / "one")
+    # sharded over 2 processes, with activation checkpointing, to the end (final/ is gathered)
+    full = launch(2, *run_args(tmp_path, "fsdp", "train.fsdp=true", "train.gradient_checkpointing=true"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert_close(one, losses(tmp_path / "fsdp"), range(1, 11))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp/final")
+    assert sum(p.numel() for p in hf.parameters()) > 0
+    # stopped at 5 on 2 sharded processes, resumed on 1
+    half = launch(2, *run_args(tmp_path, "fsdp-resume", "train.fsdp=true", "--stop-at-step", "5"))
+    assert half.returncode == 0, half.stderr[-3000:]
+    resumed = launch(1, "--phase", "resume", "--checkpoint", str(tmp_path / "fsdp-resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(one, losses(tmp_path / "fsdp-resume"), range(1, 11))
+    assert (tmp_path / "fsdp-resume/final/model.safetensors").is_file()

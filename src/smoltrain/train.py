@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,15 @@ from smoltrain.config import ModelConfig
 from smoltrain.data import build_loader
 from smoltrain.hf import load_model
 from smoltrain.model import CustomLLM
+from smoltrain.parallel import (
+    clip_grad_norm,
+    gradient_sync,
+    load_training_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+    shard_model,
+)
 from smoltrain.perf import keep_freed_memory
 from smoltrain.train_config import ScheduleConfig, TrainConfig, load_config
 
@@ -105,29 +113,28 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, cfg: TrainConfig, tokenizer) -> float:
-    """Mean token loss over the first `eval_batches` batches of the held-out split,
-    summed over all ranks' shards before dividing. Ranks may hold different numbers of
-    batches, so the forward runs on the unwrapped module (no collectives inside)."""
-    model = accelerator.unwrap_model(model)
+def evaluate(model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False) -> float:
+    """Mean token loss over the first `eval_batches` batches of the held-out split, dealt out
+    to the ranks and summed over all of them before dividing. Every rank runs the same number
+    of forwards (a rank whose share ran out repeats a batch with weight 0), since a sharded
+    model gathers its weights collectively in each forward."""
+    model = model if fsdp else accelerator.unwrap_model(model)
     model.eval()
     data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "num_workers": 0, "shuffle_buffer": 0})
-    loader = build_loader(
-        data_cfg,
-        tokenizer,
-        cfg.train.micro_batch_size,
-        "eval",
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    loader = build_loader(data_cfg, tokenizer, cfg.train.micro_batch_size, "eval", rank, world)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens
-    for i, batch in enumerate(loader):
-        if i == cfg.log.eval_batches:
+    batches = iter(loader)
+    batch = None
+    for _ in range(-(-cfg.log.eval_batches // world)):
+        fresh = next(batches, None)
+        if fresh is None and batch is None:
             break
-        batch = _to_device(batch, accelerator.device)
+        weight = 1.0 if fresh is not None else 0.0
+        batch = _to_device(fresh, accelerator.device) if fresh is not None else batch
         with accelerator.autocast():
             loss = model(**batch, return_logits=False).loss
-        n = (batch["labels"][:, 1:] != -100).sum()
+        n = (batch["labels"][:, 1:] != -100).sum() * weight
         total += torch.stack([loss.double() * n, n.double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -172,7 +179,9 @@ def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / CHECKPOINTS
 
 
-def save_checkpoint(accelerator, model, loader, cfg: TrainConfig, state: RunState, tokenizer) -> Path:
+def save_checkpoint(
+    accelerator, model, optimizer, loader, cfg: TrainConfig, state: RunState, tokenizer
+) -> Path:
     """Write checkpoints/step-N atomically: everything goes to a temporary folder that is
     renamed once complete, then `latest` is replaced. A kill at any point leaves the previous
     checkpoint and `latest` intact; a full disk raises and removes the partial folder."""
@@ -184,15 +193,16 @@ def save_checkpoint(accelerator, model, loader, cfg: TrainConfig, state: RunStat
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # model, optimizer, every rank's RNG states
+        raw = accelerator.unwrap_model(model)
+        save_training_state(raw, optimizer, tmp, accelerator.is_main_process, raw.config.tie_word_embeddings)
+        torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
         if cfg.data.rank_split == "document":  # one position per rank
             torch.save(loader.state_dict(), tmp / f"data-rank{accelerator.process_index}.pt")
         elif accelerator.is_main_process:  # one global position, the same on every rank
             torch.save(loader.state_dict(), tmp / "data.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.config.to_hf().to_json_file(tmp / "config.json")
+            raw.config.to_hf().to_json_file(tmp / "config.json")
             tokenizer.save_pretrained(tmp)
             run = {"state": state.__dict__, "config": cfg.to_dict(), "world_size": accelerator.num_processes}
             (tmp / "trainer_state.json").write_text(json.dumps(run, indent=2))
@@ -448,15 +458,23 @@ def train(
         t.grad_accum_steps = t.global_batch_size // per_step
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * world * cfg.data.context_length
 
-    optimizer = build_optimizer(model, cfg, device.type)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    fsdp = t.fsdp and world > 1
+    if fsdp:
+        if precision == "fp16":
+            raise TrainingError("train.fsdp with fp16 is not supported; use bf16 (or fp32)")
+        model = shard_model(model, device)  # FSDP2 from torch.distributed, in place
+        optimizer = build_optimizer(model, cfg, device.type)
+    else:
+        optimizer = build_optimizer(model, cfg, device.type)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it
     raw_model: CustomLLM = accelerator.unwrap_model(model)
     forward = torch.compile(model) if t.compile else model
     loader = build_loader(cfg.data, tokenizer, t.micro_batch_size, "train", accelerator.process_index, world)
 
     state = RunState()
     if resume_dir is not None:
-        state = restore_checkpoint(resume_dir, accelerator, loader, cfg)
+        state = restore_checkpoint(resume_dir, accelerator, raw_model, torch_optimizer, loader, cfg)
         _truncate_metrics(out / "metrics.jsonl", state.step) if accelerator.is_main_process else None
     end_step = cfg.schedule.max_steps
     if phase == "resume" and state.step >= cfg.schedule.max_steps:
@@ -497,13 +515,13 @@ def train(
             for micro in range(t.grad_accum_steps):
                 batch = _to_device(next(batches), device)
                 last_micro = micro == t.grad_accum_steps - 1
-                with accelerator.no_sync(model) if not last_micro else nullcontext():
+                with gradient_sync(model, accelerator, fsdp, sync=last_micro):
                     with accelerator.autocast():
                         loss = forward(**batch, return_logits=False).loss
                     accelerator.backward(loss / t.grad_accum_steps)
                 step_loss += loss.detach() / t.grad_accum_steps
             if cfg.optim.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                grad_norm = clip_grad_norm(model, accelerator, fsdp, cfg.optim.grad_clip)
             else:
                 grad_norm = torch.zeros((), device=device)
             step_loss = accelerator.reduce(step_loss, reduction="mean")
@@ -550,23 +568,25 @@ def train(
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             periodic_start = time.perf_counter()
             if step % cfg.log.eval_every == 0 or step == end_step:
-                eval_loss = evaluate(model, accelerator, cfg, tokenizer)
+                eval_loss = evaluate(model, accelerator, cfg, tokenizer, fsdp)
                 last["eval_loss"] = eval_loss
                 perplexity = math.exp(min(eval_loss, 50))
                 metrics.write(step, eval_loss=eval_loss, perplexity=perplexity)
                 if accelerator.is_main_process:
                     bar.write(f"step {step}: eval loss {eval_loss:.3f} (perplexity {perplexity:.1f})")
-            if accelerator.is_main_process and (step % cfg.log.sample_every == 0 or step == end_step):
-                text = sample(raw_model, tokenizer, cfg)
+            if step % cfg.log.sample_every == 0 or step == end_step:
+                # a sharded model generates on every rank together; otherwise rank 0 alone
+                text = sample(raw_model, tokenizer, cfg) if fsdp or accelerator.is_main_process else ""
                 metrics.write(step, sample=text)
-                bar.write(f"step {step} sample: {text!r}")
+                if accelerator.is_main_process:
+                    bar.write(f"step {step} sample: {text!r}")
             if device.type == "mps" and t.mps_empty_cache_every and step % t.mps_empty_cache_every == 0:
                 torch.mps.empty_cache()
             stopping = stop.signal is not None
             if step % cfg.log.checkpoint_every == 0 or step == end_step or stopping:
                 state.elapsed += time.perf_counter() - run_start
                 run_start = time.perf_counter()
-                save_checkpoint(accelerator, model, loader, cfg, state, tokenizer)
+                save_checkpoint(accelerator, model, torch_optimizer, loader, cfg, state, tokenizer)
             window_start += time.perf_counter() - periodic_start  # eval etc. is not training time
             if stopping:
                 break
@@ -584,10 +604,9 @@ def train(
         "interrupted": stop.signal is not None,
     }
     if finished and (stop_at_step is None or state.step >= end_step):
-        if accelerator.is_main_process:
-            final_dir = out / "final"
-            raw_model.save_pretrained(final_dir, tokenizer=tokenizer)
-            summary["final"] = str(final_dir)
+        final_dir = out / "final"
+        export_final(raw_model, accelerator, fsdp, final_dir, tokenizer)
+        summary["final"] = str(final_dir)
     if accelerator.is_main_process:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         _print_end(summary, out)
@@ -596,7 +615,7 @@ def train(
     return summary
 
 
-def restore_checkpoint(path: Path, accelerator, loader, cfg: TrainConfig) -> RunState:
+def restore_checkpoint(path: Path, accelerator, model, optimizer, loader, cfg: TrainConfig) -> RunState:
     run = json.loads((path / "trainer_state.json").read_text())
     saved_model = run["config"]["model"]
     if (saved_model["preset"], saved_model["overrides"]) != (cfg.model.preset, cfg.model.overrides):
@@ -605,7 +624,9 @@ def restore_checkpoint(path: Path, accelerator, loader, cfg: TrainConfig) -> Run
             f"but the config asks for {cfg.model.preset} {cfg.model.overrides}; resume with the same "
             "model config (or start a new run with model.init_from)"
         )
-    accelerator.load_state(str(path))
+    load_training_state(model, optimizer, path, model.config.tie_word_embeddings)
+    rank_rng = path / f"rng-rank{accelerator.process_index}.pt"
+    set_rng_state(torch.load(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt", weights_only=False))
     global_state = path / "data.pt"
     rank_state = path / f"data-rank{accelerator.process_index}.pt"
     if cfg.data.rank_split == "micro_batch" and global_state.is_file():
@@ -619,8 +640,22 @@ def restore_checkpoint(path: Path, accelerator, loader, cfg: TrainConfig) -> Run
             "so the stream starts over (data.rank_split=micro_batch resumes on any count)",
             file=sys.stderr,
         )
-    state = RunState(**run["state"])
-    return state
+    return RunState(**run["state"])
+
+
+def export_final(model: CustomLLM, accelerator, fsdp: bool, folder: Path, tokenizer) -> None:
+    """final/: a Hugging Face folder. A sharded model is gathered first (every rank joins)."""
+    if not fsdp:
+        if accelerator.is_main_process:
+            model.save_pretrained(folder, tokenizer=tokenizer)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.is_main_process:
+        plain = CustomLLM(model.config)
+        plain.load_state_dict(state)
+        plain.save_pretrained(folder, tokenizer=tokenizer)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -58,6 +58,7 @@ class TrainLoopConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
     seed: int = 42
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2)
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     mps_empty_cache_every: int = 50  # release cached MPS memory every N steps (0: never)

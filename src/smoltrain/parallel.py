@@ -1,0 +1,93 @@
+"""Data-parallel wrapping and process-count-independent training state.
+
+DDP comes from `accelerator.prepare`; FSDP is torch.distributed's FSDP2 (`fully_shard`),
+applied here with the decoder layer as the unit (Accelerate only offers FSDP on accelerators;
+this path runs on CPU with gloo as well, so it is tested here). Checkpoints hold *full* state
+dicts (torch.distributed.checkpoint's `get_state_dict`), keyed by parameter name, so a run
+saved by N processes, sharded or not, resumes on M.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from smoltrain.model import CustomLLM
+
+_FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+def shard_model(model: CustomLLM, device: torch.device) -> CustomLLM:
+    """FSDP2: each decoder layer is one unit of all-gather / reduce-scatter; the root unit
+    holds the embedding (tied to the head), the final norm and the rotary tables."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def gradient_sync(model, accelerator, fsdp: bool, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+    if fsdp:
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else accelerator.no_sync(model)
+
+
+def clip_grad_norm(model, accelerator, fsdp: bool, max_norm: float) -> torch.Tensor:
+    if not fsdp:
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def save_training_state(model, optimizer, folder: Path, is_main: bool, tied: bool) -> None:
+    """model.safetensors (our parameter names, the tied head left out) and optimizer.pt,
+    both gathered in full on rank 0. Every rank must call this (it gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(**_FULL))
+    if is_main:
+        skip = "lm_head.weight" if tied else None
+        model_state = {k: v.contiguous() for k, v in model_state.items() if k != skip}
+        save_file(model_state, folder / "model.safetensors", metadata={"format": "pt"})
+        torch.save(optim_state, folder / "optimizer.pt")
+
+
+def load_training_state(model, optimizer, folder: Path, tied: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state = load_file(folder / "model.safetensors")
+    if tied:
+        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+    optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
