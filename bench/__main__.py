@@ -1,0 +1,242 @@
+"""smoltrain against transformers, side by side in one run: training and generation
+throughput, peak memory, and how close each comes to what this machine allows.
+
+    python -m bench            # the full table, written to bench/RESULTS.md (~10 min on 2 cores)
+    python -m bench --quick    # a smoke run of every path (tests use it)
+
+Each measurement runs in a fresh process (so peak memory is its own) and the contenders
+alternate, so that drift on a shared machine hits both alike. The ratios are the headline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from smoltrain.config import get_preset
+
+HERE = Path(__file__).resolve().parent
+
+
+def matmul_peak(dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of an n^3 `torch.mm`: the ceiling for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def copy_bandwidth(mb: int) -> float:
+    """Bytes/s read + written by a large tensor copy: the ceiling for weight-bound decoding."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - start)
+
+
+def worker(*args: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.worker", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def alternate(rounds: int, make_args) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+    for r in range(rounds):
+        order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+        for impl in order:
+            runs[impl].append(worker(*make_args(impl)))
+    return runs
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks every path runs")
+    parser.add_argument("--rounds", type=int, default=None, help="alternations per measurement")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report (default bench/RESULTS.md)")
+    args = parser.parse_args()
+    quick = args.quick
+    rounds = args.rounds or 1
+    out = args.out or (None if quick else HERE / "RESULTS.md")
+
+    n = 512 if quick else 2048
+    peaks = {"fp32": matmul_peak(torch.float32, n), "bf16": matmul_peak(torch.bfloat16, n)}
+    bandwidth = copy_bandwidth(64 if quick else 512)
+    print(
+        f"matmul peak ({n}^3): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s",
+        flush=True,
+    )
+
+    rows_train = []
+    train_cases = [("tiny", 8, 256, "{}")] if not quick else [("tiny", 2, 64, '{"num_hidden_layers": 1}')]
+    if not quick:
+        train_cases.append(("smollm2-135m", 4, 256, "{}"))
+    for preset, batch, context, overrides in train_cases:
+        config = get_preset(preset, **json.loads(overrides))
+        flops_per_token = config.flops_per_token(context)
+        for precision in ("fp32", "bf16"):
+            steps = "2" if quick else "5"
+            runs = alternate(
+                rounds,
+                lambda impl, p=precision, pr=preset, b=batch, c=context, o=overrides: [
+                    "train",
+                    "--impl",
+                    impl,
+                    "--preset",
+                    pr,
+                    "--precision",
+                    p,
+                    "--batch",
+                    str(b),
+                    "--context",
+                    str(c),
+                    "--steps",
+                    steps,
+                    "--warmup",
+                    "1" if quick else "2",
+                    "--overrides",
+                    o,
+                ],
+            )
+            ours, hf = (median_of(runs[k], "tokens_per_s") for k in ("ours", "hf"))
+            mem_ours, mem_hf = (median_of(runs[k], "peak_memory_mb") for k in ("ours", "hf"))
+            row = {
+                "preset": preset,
+                "precision": precision,
+                "batch": f"{batch}x{context}",
+                "ours": ours,
+                "hf": hf,
+                "ratio": ours / hf,
+                "mfu_ours": ours * flops_per_token / peaks[precision],
+                "mfu_hf": hf * flops_per_token / peaks[precision],
+                "mem_ours": mem_ours,
+                "mem_hf": mem_hf,
+                "mem_ratio": mem_ours / mem_hf,
+            }
+            rows_train.append(row)
+            print(
+                f"train {preset} {precision}: ours {ours:,.0f} tok/s vs transformers {hf:,.0f} "
+                f"({row['ratio']:.2f}x), MFU {row['mfu_ours']:.0%} vs {row['mfu_hf']:.0%}, "
+                f"peak memory {mem_ours:,.0f} vs {mem_hf:,.0f} MB",
+                flush=True,
+            )
+
+    rows_gen = []
+    new_tokens = "8" if quick else "128"
+    for precision in ("fp32", "bf16"):
+        for batch in (1, 8):
+            if quick and batch == 8:
+                continue
+            runs = alternate(
+                rounds,
+                lambda impl, p=precision, b=batch: [
+                    "generate",
+                    "--impl",
+                    impl,
+                    "--precision",
+                    p,
+                    "--batch",
+                    str(b),
+                    "--new-tokens",
+                    new_tokens,
+                    "--repeats",
+                    "1" if quick else "3",
+                ],
+            )
+            ours, hf = (median_of(runs[k], "tokens_per_s") for k in ("ours", "hf"))
+            same = runs["ours"][0]["tokens"] == runs["hf"][0]["tokens"]
+            weight_bytes = runs["ours"][0]["weight_bytes"]
+            limit = bandwidth / weight_bytes * batch  # each decode step reads every weight once
+            row = {
+                "precision": precision,
+                "batch": batch,
+                "ours": ours,
+                "hf": hf,
+                "ratio": ours / hf,
+                "limit": limit,
+                "of_limit": ours / limit,
+                "same_tokens": same,
+            }
+            rows_gen.append(row)
+            print(
+                f"generate {precision} batch {batch}: ours {ours:,.1f} tok/s vs transformers {hf:,.1f} "
+                f"({row['ratio']:.2f}x); weight-bandwidth limit {limit:,.0f} tok/s "
+                f"(ours at {row['of_limit']:.0%}); same tokens: {same}",
+                flush=True,
+            )
+
+    if out is not None:
+        write_report(out, peaks, bandwidth, n, rows_train, rows_gen, rounds)
+        print(f"wrote {out}")
+
+
+def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds) -> None:
+    lines = [
+        "# smoltrain vs transformers",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {platform.platform()}",
+        f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+        f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
+        f"- matmul peak ({n}^3 torch.mm): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
+        f"GFLOP/s; tensor-copy bandwidth (read + write) {bandwidth / 1e9:.1f} GB/s",
+        "",
+        "## Training (AdamW step, identical weights and batch; median of 5 steps after 2 warm-up)",
+        "",
+        "| model | precision | batch | ours tok/s | transformers tok/s | ours/theirs | MFU ours | MFU theirs "
+        "| peak MB ours | peak MB theirs | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows_train:
+        lines.append(
+            f"| {r['preset']} | {r['precision']} | {r['batch']} | {r['ours']:,.0f} | {r['hf']:,.0f} | "
+            f"**{r['ratio']:.2f}x** | {r['mfu_ours']:.0%} | {r['mfu_hf']:.0%} | {r['mem_ours']:,.0f} | "
+            f"{r['mem_hf']:,.0f} | {r['mem_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Generation (bundled SmolLM2-135M-Instruct, greedy, 128 new tokens, prefill included)",
+        "",
+        "| precision | batch | ours tok/s | transformers tok/s | ours/theirs | weight-bandwidth limit | ours of limit "
+        "| same tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows_gen:
+        lines.append(
+            f"| {r['precision']} | {r['batch']} | {r['ours']:,.1f} | {r['hf']:,.1f} | **{r['ratio']:.2f}x** | "
+            f"{r['limit']:,.0f} | {r['of_limit']:.0%} | {r['same_tokens']} |"
+        )
+    lines += [
+        "",
+        "MFU: model FLOPs per token (6N + 12·L·H·T, PaLM appendix B) x tokens/s over the matmul peak of that "
+        "precision. The generation limit: memory bandwidth / bytes of weights (every decode step reads each weight once), x batch.",
+    ]
+    out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""One measurement in a fresh process, so each contender's peak memory is its own.
+Prints one JSON line. Run by `python -m bench`; usable alone:
+    python -m bench.worker train --impl ours --preset tiny --precision bf16
+    python -m bench.worker generate --impl hf --batch 8 --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from smoltrain.config import get_preset
+from smoltrain.hf import hf_state_dict
+from smoltrain.model import CustomLLM
+from smoltrain.perf import keep_freed_memory
+
+PROMPT = "The future of AI is"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_pair_model(impl: str, preset: str, device: str, overrides: dict):
+    """Both contenders get the same weights: ours initialized with seed 0, copied into HF."""
+    torch.manual_seed(0)
+    ours = CustomLLM(get_preset(preset, **overrides))
+    if impl == "ours":
+        return ours.to(device)
+    from transformers import LlamaForCausalLM
+
+    theirs = LlamaForCausalLM(ours.config.to_hf())
+    theirs.load_state_dict(hf_state_dict(ours), strict=False)
+    theirs.tie_weights()
+    return theirs.to(device)
+
+
+def train(args) -> dict:
+    if args.impl == "ours":
+        keep_freed_memory()
+    overrides = json.loads(args.overrides)
+    model = build_pair_model(args.impl, args.preset, args.device, overrides).train()
+    if args.compile:
+        start = time.perf_counter()
+        model = torch.compile(model)
+    fused = True if args.device == "cuda" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (args.batch, args.context), generator=gen).to(args.device)
+    bf16 = args.precision == "bf16"
+    times, compile_s = [], None
+    for i in range(args.warmup + args.steps):
+        _sync(args.device)
+        start = time.perf_counter()
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
+            if args.impl == "ours":
+                loss = model(ids, labels=ids, return_logits=False).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        elapsed = time.perf_counter() - start
+        if i == 0 and args.compile:
+            compile_s = elapsed
+        if i >= args.warmup:
+            times.append(elapsed)
+    step_s = statistics.median(times)
+    return {
+        "tokens_per_s": args.batch * args.context / step_s,
+        "step_s": step_s,
+        "peak_memory_mb": _peak_memory_mb(args.device),
+        "loss": float(loss),
+        "compile_s": compile_s,
+    }
+
+
+def generate(args) -> dict:
+    from smoltrain.hf import _gguf_as_hf_folder, bundled_gguf_path
+    from smoltrain.tokenizer import load_tokenizer
+
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    folder = _gguf_as_hf_folder(bundled_gguf_path())  # the same weights for both contenders
+    tokenizer = load_tokenizer("smollm2")
+    ids = tokenizer([PROMPT] * args.batch, return_tensors="pt")["input_ids"].to(args.device)
+    if args.impl == "ours":
+        keep_freed_memory()
+        from smoltrain.hf import load_model
+
+        model = load_model(folder, dtype=dtype, device=args.device)
+
+        def run(n):
+            return model.generate(ids, max_new_tokens=n, eos_token_id=[])
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+
+        def run(n):
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        run(8)  # warm-up (and compilation, when on)
+        warmup_s = time.perf_counter() - start
+        times = []
+        for _ in range(args.repeats):
+            _sync(args.device)
+            start = time.perf_counter()
+            out = run(args.new_tokens)
+            _sync(args.device)
+            times.append(time.perf_counter() - start)
+    assert out.shape[1] == ids.shape[1] + args.new_tokens
+    gen_s = statistics.median(times)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "tokens_per_s": args.batch * args.new_tokens / gen_s,
+        "seconds": gen_s,
+        "weight_bytes": weight_bytes,
+        "warmup_s": warmup_s,
+        "peak_memory_mb": _peak_memory_mb(args.device),
+        "tokens": out[0, ids.shape[1] :].tolist(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["train", "generate"])
+    parser.add_argument("--impl", choices=["ours", "hf"], required=True)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--overrides", default="{}", help="ModelConfig fields as JSON")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    result = train(args) if args.kind == "train" else generate(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
