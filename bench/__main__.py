@@ -102,7 +102,7 @@ def main() -> None:
             steps = "2" if quick else "5"
             runs = alternate(
                 rounds,
-                lambda impl, p=precision, pr=preset, b=batch, c=context, o=overrides: [
+                lambda impl, p=precision, pr=preset, b=batch, c=context, o=overrides, s=steps: [
                     "train",
                     "--impl",
                     impl,
@@ -115,7 +115,7 @@ def main() -> None:
                     "--context",
                     str(c),
                     "--steps",
-                    steps,
+                    s,
                     "--warmup",
                     "1" if quick else "2",
                     "--overrides",
@@ -202,13 +202,14 @@ def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds) -
         f"{torch.get_num_threads()} threads, {platform.platform()}",
         f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
-        f"- matmul peak ({n}^3 torch.mm): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
-        f"GFLOP/s; tensor-copy bandwidth (read + write) {bandwidth / 1e9:.1f} GB/s",
+        f"- matmul peak ({n}^3 torch.mm): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"tensor-copy bandwidth (read + write) {bandwidth / 1e9:.1f} GB/s",
         "",
         "## Training (AdamW step, identical weights and batch; median of 5 steps after 2 warm-up)",
         "",
-        "| model | precision | batch | ours tok/s | transformers tok/s | ours/theirs | MFU ours | MFU theirs "
-        "| peak MB ours | peak MB theirs | memory ratio |",
+        "| model | precision | batch | ours tok/s | transformers tok/s | ours/theirs | MFU ours "
+        "| MFU theirs | peak MB ours | peak MB theirs | memory ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows_train:
@@ -221,19 +222,20 @@ def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds) -
         "",
         "## Generation (bundled SmolLM2-135M-Instruct, greedy, 128 new tokens, prefill included)",
         "",
-        "| precision | batch | ours tok/s | transformers tok/s | ours/theirs | weight-bandwidth limit | ours of limit "
-        "| same tokens |",
+        "| precision | batch | ours tok/s | transformers tok/s | ours/theirs | weight-bandwidth limit "
+        "| ours of limit | same tokens |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows_gen:
         lines.append(
-            f"| {r['precision']} | {r['batch']} | {r['ours']:,.1f} | {r['hf']:,.1f} | **{r['ratio']:.2f}x** | "
-            f"{r['limit']:,.0f} | {r['of_limit']:.0%} | {r['same_tokens']} |"
+            f"| {r['precision']} | {r['batch']} | {r['ours']:,.1f} | {r['hf']:,.1f} | "
+            f"**{r['ratio']:.2f}x** | {r['limit']:,.0f} | {r['of_limit']:.0%} | {r['same_tokens']} |"
         )
     lines += [
         "",
-        "MFU: model FLOPs per token (6N + 12·L·H·T, PaLM appendix B) x tokens/s over the matmul peak of that "
-        "precision. The generation limit: memory bandwidth / bytes of weights (every decode step reads each weight once), x batch.",
+        "MFU: model FLOPs per token (6N + 12·L·H·T, PaLM appendix B) x tokens/s over the matmul peak of "
+        "that precision. The generation limit: memory bandwidth / bytes of weights (every decode step reads "
+        "each weight once), x batch.",
     ]
     out.write_text("\n".join(lines) + "\n")
 

@@ -1,0 +1,21 @@
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_runs_every_path(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train tiny fp32: ours" in result.stdout and "train tiny bf16: ours" in result.stdout
+    assert "generate fp32 batch 1" in result.stdout and "same tokens: True" in result.stdout
+    report = out.read_text()
+    assert "| tiny | bf16 |" in report and "torch " in report
