@@ -108,9 +108,10 @@ def generate(args) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        model.generation_config.eos_token_id = None  # exactly n tokens, as ours with eos_token_id=[]
 
         def run(n):
-            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+            return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2)
 
     with torch.inference_mode():
         start = time.perf_counter()

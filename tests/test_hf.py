@@ -113,7 +113,7 @@ def test_convert_cli_gguf_to_hf_folder(tmp_path):
     out = tmp_path / "out"
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     hf = AutoModelForCausalLM.from_pretrained(out)
-    assert hf.config.rope_theta == 100000.0 if hasattr(hf.config, "rope_theta") else True
+    assert hf.config.rope_parameters["rope_theta"] == 100000.0
     assert sum(p.numel() for p in hf.parameters()) == 134_515_008
 
 

@@ -167,8 +167,9 @@ def test_final_folder_loads_in_transformers(tmp_path):
 
     from smoltrain.hf import load_model
 
-    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "3"))
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "3", "log.trackers=[tensorboard]"))
     out = tmp_path / "run"
+    assert list(out.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
     for name in ("metrics.jsonl", "loss.png", "final/model.safetensors", "final/tokenizer.json"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -306,3 +307,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     last_logged = max(losses(tmp_path / "run"))
     assert latest == f"step-{last_logged}"
     assert os.path.isfile(tmp_path / "run/checkpoints" / latest / "COMPLETE")
+
+
+def test_continued_pretraining_from_smollm2(tmp_path):
+    """init_from the bundled SmolLM2: its architecture and weights, not the preset's."""
+    smoltrain(
+        *small_run_args(
+            tmp_path,
+            "cont",
+            "--max-steps",
+            "2",
+            "model.init_from=smollm2",
+            "log.log_every=1",
+            "optim.lr=1e-5",
+            "train.grad_accum_steps=1",
+            "log.sample_tokens=4",
+        )
+    )
+    first_loss = losses(tmp_path / "cont")[1]
+    assert first_loss < 7.0  # a trained model on English text, not ln(49152) = 10.8
+    config = json.loads((tmp_path / "cont/final/config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["rope_parameters"]["rope_theta"] == 100000.0

@@ -76,6 +76,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the fused kernel: the same result in fp32 (the residual stream, also under
+            # autocast), twice as fast forward + backward on CPU
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in fp32 and cast back before the scale, exactly as LlamaRMSNorm does.
         dtype = x.dtype
         x = x.float()

@@ -432,8 +432,9 @@ def train(
     device = accelerator.device
     tokenizer = load_tokenizer(cfg.tokenizer)
 
-    # model
-    if cfg.model.init_from and phase == "init":
+    # model: from init_from's weights (continued pre-training; on resume the checkpoint's
+    # weights replace them, but the architecture still comes from there) or from scratch
+    if cfg.model.init_from:
         model = load_model(cfg.model.init_from)
     else:
         model_config: ModelConfig = cfg.model.build_config()
@@ -475,7 +476,8 @@ def train(
     state = RunState()
     if resume_dir is not None:
         state = restore_checkpoint(resume_dir, accelerator, raw_model, torch_optimizer, loader, cfg)
-        _truncate_metrics(out / "metrics.jsonl", state.step) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            _truncate_metrics(out / "metrics.jsonl", state.step)
     end_step = cfg.schedule.max_steps
     if phase == "resume" and state.step >= cfg.schedule.max_steps:
         end_step = state.step + cfg.resume.extra_steps  # the reference's phase "resume"
