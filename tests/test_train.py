@@ -330,3 +330,12 @@ def test_continued_pretraining_from_smollm2(tmp_path):
     assert first_loss < 5.0  # a trained model on English prose, not ln(49152) = 10.8
     config = json.loads((tmp_path / "cont/final/config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["rope_parameters"]["rope_theta"] == 100000.0
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    common = ("--max-steps", "3", "log.log_every=1", "train.grad_accum_steps=1", "log.eval_batches=1")
+    smoltrain(*small_run_args(tmp_path, "eager", *common))
+    smoltrain(*small_run_args(tmp_path, "compiled", *common, "train.compile=true"))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    for step in (1, 2, 3):
+        assert math.isclose(eager[step], compiled[step], rel_tol=1e-5), step
