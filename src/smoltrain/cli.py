@@ -1,4 +1,4 @@
-"""The `smoltrain` command: generate, convert (and the commands later modules add)."""
+"""The `smoltrain` command: train, generate, convert and serve SmolLM2-class models."""
 
 from __future__ import annotations
 

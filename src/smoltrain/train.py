@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,6 @@ class RunState:
     bad_steps: int = 0  # NaN/inf steps in a row
     skipped_steps: int = 0  # NaN/inf steps in total
     elapsed: float = 0.0  # training seconds before this process
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_root(output_dir: Path) -> Path:
