@@ -83,7 +83,7 @@ def train(args) -> dict:
         "tokens_per_s": args.batch * args.context / step_s,
         "step_s": step_s,
         "peak_memory_mb": _peak_memory_mb(args.device),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "compile_s": compile_s,
     }
 
