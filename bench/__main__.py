@@ -23,19 +23,11 @@ from pathlib import Path
 import torch
 
 from smoltrain.config import get_preset
+from smoltrain.device import measure_peak_flops
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 HERE = Path(__file__).resolve().parent
-
-
-def matmul_peak(dtype: torch.dtype, n: int) -> float:
-    """FLOP/s of an n^3 `torch.mm`: the ceiling for MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def copy_bandwidth(mb: int) -> float:
@@ -83,7 +75,7 @@ def main() -> None:
     out = args.out or (None if quick else HERE / "RESULTS.md")
 
     n = 512 if quick else 2048
-    peaks = {"fp32": matmul_peak(torch.float32, n), "bf16": matmul_peak(torch.bfloat16, n)}
+    peaks = {dtype: measure_peak_flops("cpu", getattr(torch, name), n) for dtype, name in PRECISIONS.items()}
     bandwidth = copy_bandwidth(64 if quick else 512)
     print(
         f"matmul peak ({n}^3): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "

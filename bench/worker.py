@@ -15,16 +15,12 @@ import time
 import torch
 
 from smoltrain.config import get_preset
+from smoltrain.device import sync
 from smoltrain.hf import hf_state_dict
 from smoltrain.model import CustomLLM
 from smoltrain.perf import keep_freed_memory
 
 PROMPT = "The future of AI is"
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -62,7 +58,7 @@ def train(args) -> dict:
     bf16 = args.precision == "bf16"
     times, compile_s = [], None
     for i in range(args.warmup + args.steps):
-        _sync(args.device)
+        sync(args.device)
         start = time.perf_counter()
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
             if args.impl == "ours":
@@ -72,7 +68,7 @@ def train(args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(args.device)
+        sync(args.device)
         elapsed = time.perf_counter() - start
         if i == 0 and args.compile:
             compile_s = elapsed
@@ -119,10 +115,10 @@ def generate(args) -> dict:
         warmup_s = time.perf_counter() - start
         times = []
         for _ in range(args.repeats):
-            _sync(args.device)
+            sync(args.device)
             start = time.perf_counter()
             out = run(args.new_tokens)
-            _sync(args.device)
+            sync(args.device)
             times.append(time.perf_counter() - start)
     assert out.shape[1] == ids.shape[1] + args.new_tokens
     gen_s = statistics.median(times)

@@ -24,24 +24,6 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def pick_device(name: str = "auto") -> str:
-    """cuda > mps > cpu for `auto`; an explicit device must exist."""
-    import torch
-
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if name == "auto":
-        return next(d for d, ok in available.items() if ok)
-    if name not in available:
-        raise SystemExit(f"error: unknown device '{name}'; choose auto, cuda, mps or cpu")
-    if not available[name]:
-        raise SystemExit(f"error: device '{name}' is not available here; use --device auto or cpu")
-    return name
-
-
 def _tokenizer_for(model_spec: str, tokenizer_spec: str | None):
     from smoltrain.hf import resolve_checkpoint
     from smoltrain.tokenizer import load_tokenizer
@@ -56,6 +38,7 @@ def _tokenizer_for(model_spec: str, tokenizer_spec: str | None):
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from smoltrain.device import pick_device
     from smoltrain.generate import stream_text
     from smoltrain.hf import load_model
     from smoltrain.tokenizer import check_tokenizer_fits
@@ -138,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from smoltrain.app import build_app
+    from smoltrain.device import pick_device
 
     demo = build_app(args.model, args.tokenizer, device=pick_device(args.device))
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)

@@ -22,6 +22,7 @@ import torch
 
 from smoltrain.config import ModelConfig
 from smoltrain.data import build_loader
+from smoltrain.device import measure_peak_flops, pick_device
 from smoltrain.hf import load_model
 from smoltrain.model import CustomLLM
 from smoltrain.parallel import (
@@ -84,28 +85,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = o.fused if o.fused is not None else device_type == "cuda"
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large matmul here: the ceiling MFU is measured against."""
-    n = 2048 if device.type != "cpu" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -272,19 +251,7 @@ def setup_accelerator(cfg: TrainConfig):
     from accelerate.utils import set_seed
 
     t = cfg.train
-    cpu = t.device == "cpu"
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is available; use --device auto or cpu")
-    if t.device == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("train.device=mps but MPS is not available; use --device auto or cpu")
-    if t.device == "auto" or t.device in ("cuda", "mps"):
-        device_type = (
-            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        )
-        if t.device == "mps":
-            device_type = "mps"
-    else:
-        device_type = "cpu"
+    device_type = pick_device(t.device)
     precision = t.precision
     if precision == "auto":
         precision = (
@@ -303,7 +270,7 @@ def setup_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs
 
     accelerator = Accelerator(
-        cpu=cpu,
+        cpu=device_type == "cpu",
         # the rotary tables are buffers computed identically on every rank: no broadcast
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         mixed_precision={"fp32": "no"}.get(precision, precision),
