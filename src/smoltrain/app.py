@@ -8,12 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from smoltrain.generate import stream_text
-from smoltrain.hf import load_model, resolve_checkpoint
+from smoltrain.hf import load_model
 from smoltrain.model import CustomLLM
-from smoltrain.tokenizer import check_tokenizer_fits, load_tokenizer
+from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
 CONTINUE, CHAT = "Continue text", "Chat"
 
@@ -31,11 +29,7 @@ class Limits:
 
 def load_for_serving(model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu"):
     model = load_model(model_spec, device=device)
-    if tokenizer_spec is None:
-        path = resolve_checkpoint(model_spec)
-        has_own = path.suffix == ".gguf" or (path / "tokenizer.json").is_file()
-        tokenizer_spec = str(path) if has_own else "smollm2"
-    tokenizer = load_tokenizer(tokenizer_spec)
+    tokenizer = tokenizer_for(model_spec, tokenizer_spec)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     return model, tokenizer
 
@@ -58,14 +52,6 @@ def check_request(
             raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
 
 
-def prompt_ids(tokenizer, prompt: str, mode: str) -> torch.Tensor:
-    if mode == CHAT:
-        messages = [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
-
-
 def stream_reply(
     model: CustomLLM,
     tokenizer,
@@ -80,17 +66,17 @@ def stream_reply(
 ):
     """Yield (text so far, stats line). Errors are ValueErrors with a message for the page."""
     check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, limits or Limits())
-    ids = prompt_ids(tokenizer, prompt, mode)
+    ids = encode_prompt(tokenizer, prompt, chat=mode == CHAT)
     context = model.config.max_position_embeddings
     if ids.shape[1] >= context:
         raise ValueError(
             f"The prompt is {ids.shape[1]:,} tokens; this model reads at most {context:,}. Shorten it."
         )
-    eos = [t for t in {model.config.eos_token_id, tokenizer.eos_token_id} if t is not None]
+    eos = stop_token_ids(model.config.eos_token_id, tokenizer)
     greedy = temperature == 0
     start = time.perf_counter()
     first = None
-    text, pieces = "", 0
+    text = ""
     for piece in stream_text(
         model,
         tokenizer,
@@ -105,7 +91,6 @@ def stream_reply(
     ):
         first = first or time.perf_counter() - start
         text += piece
-        pieces += 1
         yield text, ""
     elapsed = time.perf_counter() - start
     new_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0

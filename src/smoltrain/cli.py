@@ -24,39 +24,20 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _tokenizer_for(model_spec: str, tokenizer_spec: str | None):
-    from smoltrain.hf import resolve_checkpoint
-    from smoltrain.tokenizer import load_tokenizer
-
-    if tokenizer_spec:
-        return load_tokenizer(tokenizer_spec)
-    path = resolve_checkpoint(model_spec)
-    has_files = path.is_dir() and (path / "tokenizer.json").is_file()
-    return load_tokenizer(path if has_files or path.suffix == ".gguf" else "smollm2")
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
     from smoltrain.device import pick_device
     from smoltrain.generate import stream_text
     from smoltrain.hf import load_model
-    from smoltrain.tokenizer import check_tokenizer_fits
+    from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
     device = pick_device(args.device)
     model = load_model(args.model, dtype=_dtype(args.dtype), device=device)
-    tokenizer = _tokenizer_for(args.model, args.tokenizer)
+    tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
-    if args.chat:
-        if not tokenizer.chat_template:
-            raise SystemExit("error: this tokenizer has no chat template; drop --chat for plain continuation")
-        messages = [{"role": "user", "content": args.prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
-    else:
-        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    if not args.chat:
         print(args.prompt, end="", flush=True)
-    eos = [t for t in {model.config.eos_token_id, tokenizer.eos_token_id} if t is not None]
+    eos = stop_token_ids(model.config.eos_token_id, tokenizer)
     start, count = time.perf_counter(), 0
     for piece in stream_text(
         model,
@@ -78,17 +59,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from smoltrain.hf import load_model, resolve_checkpoint
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.hf import load_model
+    from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
     model = load_model(args.src, dtype=_dtype(args.dtype))
-    tokenizer = None
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        src = resolve_checkpoint(args.src)
-        if src.suffix == ".gguf" or (src / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(src)
+    tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
+    tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     model.save_pretrained(args.dst, tokenizer=tokenizer)
     print(
         f"wrote {args.dst}: {model.num_parameters():,} parameters, {args.dtype}"

@@ -49,3 +49,31 @@ def check_tokenizer_fits(vocab_size: int, tokenizer) -> None:
             f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary is "
             f"{vocab_size:,}; pass the tokenizer the model was trained with (--tokenizer)"
         )
+
+
+def own_tokenizer_source(model_spec: str | Path) -> Path | None:
+    """Where a model keeps its own tokenizer: its .gguf file or its folder's tokenizer.json;
+    None when it has none."""
+    path = resolve_checkpoint(model_spec)
+    return path if path.suffix == ".gguf" or (path / "tokenizer.json").is_file() else None
+
+
+def tokenizer_for(model_spec: str | Path, tokenizer_spec: str | Path | None = None):
+    """The tokenizer to use with a model: the one asked for, else the model's own, else smollm2."""
+    return load_tokenizer(tokenizer_spec or own_tokenizer_source(model_spec) or BUNDLED_NAME)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False):
+    """Token ids (1, T) of a prompt, wrapped in the tokenizer's chat template when `chat`."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; ask for plain continuation (drop --chat)")
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    return ids if not hasattr(ids, "keys") else ids["input_ids"]  # a tensor or a BatchEncoding
+
+
+def stop_token_ids(model_eos: int | None, tokenizer) -> list[int]:
+    """Generation stops at the model's EOS and at the tokenizer's (they can differ)."""
+    return [t for t in {model_eos, tokenizer.eos_token_id} if t is not None]
