@@ -187,6 +187,17 @@ def load_hf_state_dict(
     model.tie_weights()
 
 
+def _model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> CustomLLM:
+    """A CPU model holding `tensors`, built without the random init they overwrite."""
+    with torch.device("meta"):
+        model = CustomLLM(config)
+    model.to_empty(device="cpu")
+    model.rotary_emb.reset_parameters()  # buffers, not in the checkpoint
+    model.tie_weights()
+    load_hf_state_dict(model, tensors, source=source)
+    return model
+
+
 def load_model(
     spec: str | Path = BUNDLED_NAME,
     dtype: torch.dtype | None = None,
@@ -197,13 +208,7 @@ def load_model(
     path = resolve_checkpoint(spec)
     if path.suffix == ".gguf":
         path = _gguf_as_hf_folder(path)
-    config, tensors = _read_hf_folder(path)
-    with torch.device("meta"):  # skip the random init: every weight is overwritten
-        model = CustomLLM(config)
-    model.to_empty(device="cpu")
-    model.rotary_emb.reset_parameters()
-    model.tie_weights()
-    load_hf_state_dict(model, tensors, source=str(path))
+    model = _model_from_tensors(*_read_hf_folder(path), source=str(path))
     model.to(device=device, dtype=dtype or torch.float32)
     model.name_or_path = str(spec)
     return model.eval()
@@ -213,12 +218,7 @@ def _gguf_as_hf_folder(path: Path) -> Path:
     """Dequantizing a GGUF takes seconds; do it once and keep the result as an HF folder."""
     cached = cached_conversion("models", path)
     if not (cached / "model.safetensors").is_file():
-        config, tensors = _read_gguf(path)
-        with torch.device("meta"):
-            model = CustomLLM(config)
-        model.to_empty(device="cpu")
-        model.tie_weights()
-        load_hf_state_dict(model, tensors, source=str(path))
+        model = _model_from_tensors(*_read_gguf(path), source=str(path))
         tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
         save_model(model, tmp)
         publish_folder(tmp, cached)
