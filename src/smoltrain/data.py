@@ -74,6 +74,10 @@ class DataConfig:
                 f"data.eval_every must be >= 2 (1 in N documents held out), got {self.eval_every}"
             )
 
+    def source_for(self, split: str) -> str:
+        """The source a split reads: eval_source for "eval" when set, else the source."""
+        return self.eval_source if split == "eval" and self.eval_source else self.source
+
 
 # ----------------------------------------------------------------------------- sources
 
@@ -123,8 +127,7 @@ def open_source(spec: str, text_column: str = "text", txt_documents: str = "file
     import datasets
 
     if spec == BUILTIN_PYTHON_DOCS:
-        files = sorted(str(p) for p in python_docs_dir().glob("*.jsonl"))
-        return load_dataset("json", data_files=files, split="train", streaming=True).select_columns(["text"])
+        spec = str(python_docs_dir())  # a folder of .jsonl shards, read like any other
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         ds = load_dataset(name, config or None, split="train", streaming=True)
@@ -348,10 +351,9 @@ class TokenStream(IterableDataset):
                 break
             if st["epoch_docs"] == 0:
                 if parts == 1:
-                    spec = cfg.eval_source if self.split == "eval" and cfg.eval_source else cfg.source
                     raise ValueError(
-                        f"data source '{spec}' yielded no {self.split} documents; check that it is "
-                        "not empty, its text column, and data.eval_every"
+                        f"data source '{cfg.source_for(self.split)}' yielded no {self.split} documents; "
+                        "check that it is not empty, its text column, and data.eval_every"
                     )
                 return  # a tiny source left this rank or worker without a part
             if not self.infinite:
@@ -425,9 +427,8 @@ def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]],
 
 
 def _open_fn(cfg: DataConfig, split: str) -> Callable[[], Any]:
-    spec = cfg.eval_source if split == "eval" and cfg.eval_source else cfg.source
     # a partial, not a lambda: spawned workers (macOS) must pickle it
-    return functools.partial(open_source, spec, cfg.text_column, cfg.txt_documents)
+    return functools.partial(open_source, cfg.source_for(split), cfg.text_column, cfg.txt_documents)
 
 
 class RankSlice:

@@ -7,6 +7,7 @@ An output folder holds `metrics.jsonl`, `checkpoints/step-N/` + `checkpoints/lat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -99,7 +100,7 @@ def evaluate(model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False
     model gathers its weights collectively in each forward."""
     model = model if fsdp else accelerator.unwrap_model(model)
     model.eval()
-    data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "num_workers": 0, "shuffle_buffer": 0})
+    data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
     world, rank = accelerator.num_processes, accelerator.process_index
     loader = build_loader(data_cfg, tokenizer, cfg.train.micro_batch_size, "eval", rank, world)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens
