@@ -1,16 +1,13 @@
 """Data pipeline throughput beside what training consumes, at the quickstart and the
-reference settings. Usage: python bench/data.py [--batches N] [--workers W]"""
+reference settings. Usage: python -m bench.data [--batches N] [--workers W]"""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-import torch
-
-from smoltrain.config import get_preset
+from bench import worker
 from smoltrain.data import DataConfig, build_loader, open_source
-from smoltrain.model import CustomLLM
 from smoltrain.tokenizer import load_tokenizer
 
 SETTINGS = {  # name: (model preset, micro-batch, context, autocast bf16)
@@ -27,20 +24,21 @@ def pipeline_tokens_per_s(cfg: DataConfig, tokenizer, batch_size: int, batches: 
     return tokens / (time.perf_counter() - start)
 
 
-def training_tokens_per_s(preset: str, batch_size: int, context: int, bf16: bool, steps: int = 3) -> float:
-    model = CustomLLM(get_preset(preset)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 49152, (batch_size, context))
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(ids, labels=ids, return_logits=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - start)
-    return ids.numel() / sorted(times[1:])[len(times[1:]) // 2]
+def training_tokens_per_s(preset: str, batch_size: int, context: int, bf16: bool) -> float:
+    """Our training step at these settings, measured as `python -m bench` measures it."""
+    args = argparse.Namespace(
+        impl="ours",
+        preset=preset,
+        overrides="{}",
+        device="cpu",
+        batch=batch_size,
+        context=context,
+        precision="bf16" if bf16 else "fp32",
+        steps=3,
+        warmup=1,
+        compile=False,
+    )
+    return worker.train(args)["tokens_per_s"]
 
 
 def main() -> None:
