@@ -494,15 +494,15 @@ def train(
             else:
                 grad_norm = torch.zeros((), device=device)
             step_loss = accelerator.reduce(step_loss, reduction="mean")
-            if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step
+            # the one host sync per step: both figures come back together
+            loss_value, grad_norm_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_steps += 1
                 state.skipped_steps += 1
                 state.step += 1
                 if accelerator.is_main_process:
-                    print(
-                        f"step {state.step}: loss {step_loss.item()} is not finite; skipped", file=sys.stderr
-                    )
+                    print(f"step {state.step}: loss {loss_value} is not finite; skipped", file=sys.stderr)
                 if state.bad_steps >= t.max_bad_steps:
                     raise TrainingError(
                         f"{state.bad_steps} non-finite steps in a row at step {state.step}; stopping. "
@@ -515,7 +515,7 @@ def train(
             state.bad_steps = 0
             state.step += 1
             state.tokens += tokens_per_step
-            window_loss += step_loss.item()
+            window_loss += loss_value
             window_steps += 1
             bar.update(1)
 
@@ -527,7 +527,7 @@ def train(
                 last = {
                     "loss": window_loss / window_steps,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm_value,
                     "tokens_per_s": tok_s,
                     "mfu": tok_s * flops_per_token / (peak * world),
                     "tokens": state.tokens,
