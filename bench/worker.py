@@ -93,9 +93,12 @@ def generate(args) -> dict:
     ids = tokenizer([PROMPT] * args.batch, return_tensors="pt")["input_ids"].to(args.device)
     if args.impl == "ours":
         keep_freed_memory()
+        from smoltrain.generate import prepare_for_generation
         from smoltrain.hf import load_model
 
         model = load_model(folder, dtype=dtype, device=args.device)
+        params = model.num_parameters()  # before repacking; a tied weight counted once
+        model = prepare_for_generation(model)
 
         def run(n):
             return model.generate(ids, max_new_tokens=n, eos_token_id=[])
@@ -104,6 +107,7 @@ def generate(args) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         model.generation_config.eos_token_id = None  # exactly n tokens, as ours with eos_token_id=[]
+        params = model.num_parameters()
 
         def run(n):
             return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2)
@@ -121,11 +125,11 @@ def generate(args) -> dict:
             times.append(time.perf_counter() - start)
     assert out.shape[1] == ids.shape[1] + args.new_tokens
     gen_s = statistics.median(times)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "tokens_per_s": args.batch * args.new_tokens / gen_s,
         "seconds": gen_s,
-        "weight_bytes": weight_bytes,
+        "params": params,
+        "weight_bytes": params * dtype.itemsize,
         "warmup_s": warmup_s,
         "peak_memory_mb": _peak_memory_mb(args.device),
         "tokens": out[0, ids.shape[1] :].tolist(),

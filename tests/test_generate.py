@@ -8,7 +8,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from smoltrain.generate import generate, process_logits, stream_generate, stream_text
+from smoltrain.generate import generate, prepare_for_generation, process_logits, stream_generate, stream_text
+from smoltrain.hf import load_model, save_model
 
 from .test_model import to_transformers
 
@@ -42,6 +43,30 @@ def test_real_smollm2_greedy_equals_transformers(smollm2, smollm2_tokenizer):
     a = ours.generate(ids, max_new_tokens=24)
     b = theirs.generate(ids, max_new_tokens=24, do_sample=False)
     assert a.tolist() == b.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path):
+    """prepare_for_generation (oneDNN linears, merged q/k/v and gate/up) changes speed only:
+    same logits up to rounding, same greedy tokens in fp32, batched and padded too."""
+    torch.manual_seed(0)
+    plain = load_model("smollm2", dtype=dtype)
+    prepared = prepare_for_generation(load_model("smollm2", dtype=dtype))
+    assert prepared.inference_only and not any(p.requires_grad for p in prepared.parameters())
+    assert prepared.num_parameters() == plain.num_parameters()
+    ids = torch.randint(3, 49152, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    with torch.inference_mode():
+        a = plain(ids, attention_mask=mask).logits.float()
+        b = prepared(ids, attention_mask=mask).logits.float()
+    assert (a - b).abs().max() <= (1e-4 if dtype == torch.float32 else 0.1) * a.abs().max()
+    if dtype == torch.float32:
+        args = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+        assert torch.equal(generate(plain, ids, **args), generate(prepared, ids, **args))
+    with pytest.raises(ValueError, match="prepare_for_generation"):
+        save_model(prepared, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_batched_left_padding_equals_one_by_one(tiny_model):

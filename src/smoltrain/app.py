@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smoltrain.generate import stream_text
+from smoltrain.generate import prepare_for_generation, stream_text
 from smoltrain.hf import load_model
 from smoltrain.model import CustomLLM
 from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
@@ -28,7 +28,7 @@ class Limits:
 
 
 def load_for_serving(model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu"):
-    model = load_model(model_spec, device=device)
+    model = prepare_for_generation(load_model(model_spec, device=device))
     tokenizer = tokenizer_for(model_spec, tokenizer_spec)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     return model, tokenizer

@@ -26,12 +26,12 @@ def _dtype(name: str):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
-    from smoltrain.generate import stream_text
+    from smoltrain.generate import prepare_for_generation, stream_text
     from smoltrain.hf import load_model
     from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
     device = pick_device(args.device)
-    model = load_model(args.model, dtype=_dtype(args.dtype), device=device)
+    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype), device=device))
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)

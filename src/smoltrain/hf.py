@@ -249,6 +249,11 @@ def save_model(model: CustomLLM, folder: str | Path, tokenizer=None) -> None:
     is written as MistralForCausalLM, Llama's twin that honours the window."""
     from transformers import GenerationConfig
 
+    if model.inference_only:
+        raise ValueError(
+            "this model went through prepare_for_generation (its linear layers were repacked for "
+            "inference); save the model as loaded or trained, before that call"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = model.config.to_hf()

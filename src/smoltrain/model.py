@@ -147,6 +147,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=False)
         self.v_proj = nn.Linear(h, kv, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
+        # q, k and v as one matmul: smoltrain.generate.prepare_for_generation sets it
+        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -157,9 +159,14 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
@@ -184,9 +191,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = nn.SiLU()
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one matmul, for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -238,6 +250,8 @@ def build_attention_mask(
 class CustomLLM(nn.Module):
     """A Llama-architecture causal language model (SmolLM2-135M with the default config)."""
 
+    inference_only = False  # set by smoltrain.generate.prepare_for_generation
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -266,6 +280,8 @@ class CustomLLM(nn.Module):
         self.gradient_checkpointing = False
 
     def num_parameters(self) -> int:
+        if self.inference_only:  # the repacked linear weights are no longer parameters
+            return self.config.num_params()
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
 
     @property
