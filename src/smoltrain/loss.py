@@ -57,9 +57,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + chunk_size] = (grad @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad.T @ h).float()
+        # in place: a (V x H) copy here would be the step's memory peak
         ctx.save_for_backward(
-            grad_hidden / n_valid if grad_hidden is not None else None,
-            grad_weight / n_valid if grad_weight is not None else None,
+            grad_hidden.div_(n_valid) if grad_hidden is not None else None,
+            grad_weight.div_(n_valid) if grad_weight is not None else None,
         )
         ctx.weight_dtype = weight.dtype
         return loss / n_valid

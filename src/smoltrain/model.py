@@ -170,16 +170,43 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
-        # Each key/value head serves n_heads / n_kv_heads query heads: (B, nkv, S, hd) -> (B, nh, S, hd)
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         # A mask disables the fast causal kernel, so pass one only when it says something.
         is_causal = mask is None and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads inside the
+        # kernel, so no repeated copy of k and v is made (or kept for backward).
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        # q, and so y, is laid out (B, T, nh, hd) in memory: this is a view, not a copy
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return self.o_proj(y)
+
+
+class _GatedDown(torch.autograd.Function):
+    """down(silu(gate) * up) keeping only gate and up for backward. Plain autograd also keeps
+    silu(gate) and the product (the down projection's input): two more (tokens x 1536)
+    tensors per layer, a third of a layer's activations. They are recomputed in backward,
+    which costs two elementwise passes and no matmul."""
+
+    @staticmethod
+    def forward(ctx, gate, up, down_weight):
+        w = down_weight.to(gate.dtype)  # autocast: the matmul runs in the activations' dtype
+        ctx.save_for_backward(gate, up, down_weight)
+        return (F.silu(gate) * up) @ w.T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, down_weight = ctx.saved_tensors
+        w = down_weight.to(gate.dtype)
+        grad_out = grad_out.to(gate.dtype)
+        silu = F.silu(gate)
+        prod = (silu * up).reshape(-1, up.shape[-1])
+        grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ prod).to(down_weight.dtype)
+        del prod
+        grad_prod = grad_out @ w  # (..., I)
+        grad_up = grad_prod * silu
+        grad_gate = torch.ops.aten.silu_backward(grad_prod * up, gate)
+        return grad_gate, grad_up, grad_w
 
 
 class MLP(nn.Module):
@@ -198,6 +225,8 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and isinstance(self.down_proj, nn.Linear):
+            return _GatedDown.apply(gate, up, self.down_proj.weight)
         return self.down_proj(self.act_fn(gate) * up)
 
 
