@@ -50,7 +50,8 @@ def train(args) -> dict:
     model = build_pair_model(args.impl, args.preset, args.device, overrides).train()
     if args.compile:
         model = torch.compile(model)  # compiles on the first step, timed as compile_s
-    fused = True if args.device == "cuda" else None
+    # ours: the fused AdamW smoltrain's trainer uses; theirs: PyTorch's default (foreach)
+    fused = True if args.impl == "ours" or args.device == "cuda" else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 49152, (args.batch, args.context), generator=gen).to(args.device)

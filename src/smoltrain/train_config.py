@@ -34,7 +34,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     decay_norms_and_embeddings: bool = False  # apply weight decay to 1-D weights and embeddings too
-    fused: bool | None = None  # fused AdamW kernel; None: on CUDA only
+    fused: bool | None = None  # fused AdamW kernel; None: on CUDA and CPU
 
 
 @dataclass
