@@ -76,7 +76,8 @@ def main() -> None:
 
     n = 512 if quick else 2048
     peaks = {dtype: measure_peak_flops("cpu", getattr(torch, name), n) for dtype, name in PRECISIONS.items()}
-    bandwidth = read_bandwidth(64 if quick else 512)
+    bandwidth_mb = 64 if quick else 512
+    bandwidth = read_bandwidth(bandwidth_mb)
     print(
         f"matmul peak ({n}^3): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s",
@@ -84,17 +85,23 @@ def main() -> None:
     )
 
     rows_train = []
-    train_cases = [("tiny", 8, 256, "{}")] if not quick else [("tiny", 2, 64, '{"num_hidden_layers": 1}')]
-    if not quick:
-        train_cases.append(("smollm2-135m", 4, 256, "{}"))
-    for preset, batch, context, overrides in train_cases:
+    # (preset, batch, context, ModelConfig overrides, torch.compile)
+    if quick:
+        tiny = ("tiny", 2, 64, '{"num_hidden_layers": 1}')
+        train_cases = [(*tiny, False), (*tiny, True)]
+    else:
+        tiny, smol = ("tiny", 8, 256, "{}"), ("smollm2-135m", 4, 256, "{}")
+        train_cases = [(*tiny, False), (*smol, False), (*tiny, True)]
+    for preset, batch, context, overrides, compiled in train_cases:
         config = get_preset(preset, **json.loads(overrides))
         flops_per_token = config.flops_per_token(context)
         for precision in ("fp32", "bf16"):
+            if quick and compiled and precision == "bf16":
+                continue
             steps = "2" if quick else "5"
             runs = alternate(
                 rounds,
-                lambda impl, p=precision, pr=preset, b=batch, c=context, o=overrides, s=steps: [
+                lambda impl, p=precision, pr=preset, b=batch, c=context, o=overrides, s=steps, cm=compiled: [
                     "train",
                     "--impl",
                     impl,
@@ -112,12 +119,15 @@ def main() -> None:
                     "1" if quick else "2",
                     "--overrides",
                     o,
+                    *(["--compile"] if cm else []),
                 ],
             )
             ours, hf = (median_of(runs[k], "tokens_per_s") for k in ("ours", "hf"))
             mem_ours, mem_hf = (median_of(runs[k], "peak_memory_mb") for k in ("ours", "hf"))
             row = {
                 "preset": preset,
+                "compiled": compiled,
+                "compile_s": [median_of(runs[k], "compile_s") if compiled else None for k in ("ours", "hf")],
                 "precision": precision,
                 "batch": f"{batch}x{context}",
                 "ours": ours,
@@ -130,8 +140,9 @@ def main() -> None:
                 "mem_ratio": mem_ours / mem_hf,
             }
             rows_train.append(row)
+            label = f"{preset}{' compiled' if compiled else ''}"
             print(
-                f"train {preset} {precision}: ours {ours:,.0f} tok/s vs transformers {hf:,.0f} "
+                f"train {label} {precision}: ours {ours:,.0f} tok/s vs transformers {hf:,.0f} "
                 f"({row['ratio']:.2f}x), MFU {row['mfu_ours']:.0%} vs {row['mfu_hf']:.0%}, "
                 f"peak memory {mem_ours:,.0f} vs {mem_hf:,.0f} MB",
                 flush=True,
@@ -183,11 +194,12 @@ def main() -> None:
             )
 
     if out is not None:
-        write_report(out, peaks, bandwidth, n, rows_train, rows_gen, rounds)
+        write_report(out, peaks, (bandwidth, bandwidth_mb), n, rows_train, rows_gen, rounds, quick)
         print(f"wrote {out}")
 
 
-def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds) -> None:
+def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds, quick) -> None:
+    bandwidth, bandwidth_mb = bandwidth
     lines = [
         "# smoltrain vs transformers",
         "",
@@ -197,17 +209,22 @@ def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds) -
         f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
         f"- matmul peak ({n}^3 torch.mm): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-        f"memory read bandwidth (sum of a 512 MiB tensor) {bandwidth / 1e9:.1f} GB/s",
+        f"memory read bandwidth (sum of a {bandwidth_mb} MiB tensor) {bandwidth / 1e9:.1f} GB/s",
         "",
-        "## Training (AdamW step, identical weights and batch; median of 5 steps after 2 warm-up)",
+        "## Training (AdamW step, identical weights and batch; median of "
+        + ("2 steps after 1 warm-up, --quick)" if quick else "5 steps after 2 warm-up)"),
         "",
         "| model | precision | batch | ours tok/s | transformers tok/s | ours/theirs | MFU ours "
         "| MFU theirs | peak MB ours | peak MB theirs | memory ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows_train:
+        model = r["preset"]
+        if r["compiled"]:
+            ours_s, hf_s = r["compile_s"]
+            model += f", torch.compile (compile {ours_s:.0f} s vs {hf_s:.0f} s)"
         lines.append(
-            f"| {r['preset']} | {r['precision']} | {r['batch']} | {r['ours']:,.0f} | {r['hf']:,.0f} | "
+            f"| {model} | {r['precision']} | {r['batch']} | {r['ours']:,.0f} | {r['hf']:,.0f} | "
             f"**{r['ratio']:.2f}x** | {r['mfu_ours']:.0%} | {r['mfu_hf']:.0%} | {r['mem_ours']:,.0f} | "
             f"{r['mem_hf']:,.0f} | {r['mem_ratio']:.2f} |"
         )

@@ -16,6 +16,7 @@ def test_bench_quick_runs_every_path(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train tiny fp32: ours" in result.stdout and "train tiny bf16: ours" in result.stdout
+    assert "train tiny compiled fp32: ours" in result.stdout
     assert "generate fp32 batch 1" in result.stdout and "same tokens: True" in result.stdout
     report = out.read_text()
     assert "| tiny | bf16 |" in report and "torch " in report
