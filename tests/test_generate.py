@@ -54,6 +54,7 @@ def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path):
     prepared = prepare_for_generation(load_model("smollm2", dtype=dtype))
     assert prepared.inference_only and not any(p.requires_grad for p in prepared.parameters())
     assert prepared.num_parameters() == plain.num_parameters()
+    assert prepare_for_generation(prepared) is prepared  # a second call changes nothing
     ids = torch.randint(3, 49152, (2, 10))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding in the second row

@@ -53,7 +53,7 @@ def prepare_for_generation(model: CustomLLM) -> CustomLLM:
     (bench/RESULTS.md) with the same greedy tokens. The model cannot be trained or saved
     afterwards (`save_model` refuses it); load it again for that."""
     model.eval().requires_grad_(False)
-    if model.device.type != "cpu" or not _onednn_linear_works(model.dtype):
+    if model.inference_only or model.device.type != "cpu" or not _onednn_linear_works(model.dtype):
         return model
     with torch.no_grad():
         for layer in model.layers:
