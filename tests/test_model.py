@@ -148,6 +148,22 @@ def test_chunked_loss_gradients_match_plain():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_chunked_loss_gradients_under_torch_compile():
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (64,))
+    labels[::5] = -100
+
+    def loss_fn(h, w, y):
+        return chunked_linear_cross_entropy(h, w, y, chunk_size=16)
+
+    eager = torch.autograd.grad(loss_fn(hidden, weight, labels), (hidden, weight))
+    compiled = torch.autograd.grad(torch.compile(loss_fn)(hidden, weight, labels), (hidden, weight))
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_chunked_loss_under_bf16_autocast():
     torch.manual_seed(0)
     hidden, weight = torch.randn(64, 32), torch.randn(300, 32)

@@ -339,3 +339,5 @@ def test_compiled_model_trains_like_eager(tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in (1, 2, 3):
         assert math.isclose(eager[step], compiled[step], rel_tol=1e-5), step
+    events = [json.loads(line) for line in (tmp_path / "compiled/metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "compile_s" in e] == [1]

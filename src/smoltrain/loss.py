@@ -32,15 +32,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE_INDEX
             y_safe = torch.where(valid, y, 0)
             logits = (h @ w.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            # softmax is one fused pass; it is also d(sum of losses)/d(logits) once the
+            # target's 1 is subtracted, so the loss comes from it too: -log p(target).
+            # (An in-place softmax in the logits' buffer saved no peak memory and breaks
+            # gradients under torch.compile.)
+            probs = torch.softmax(logits, dim=-1)
+            del logits
             rows = torch.arange(len(y), device=y.device)
-            token_loss = lse - logits[rows, y_safe]  # -log p(target), exact even where p underflows
+            p_target = probs[rows, y_safe]
+            token_loss = -torch.log(p_target)
+            underflow = p_target == 0  # p < 1e-38: recompute those rows exactly
+            if underflow.any():
+                exact = hidden[start : start + chunk_size][underflow].to(compute_dtype) @ w.T
+                exact = exact.float()
+                token_loss[underflow] = (
+                    torch.logsumexp(exact, -1) - exact.gather(1, y_safe[underflow, None])[:, 0]
+                )
             loss += torch.where(valid, token_loss, 0.0).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # softmax in the logits' own buffer (one (n x V) tensor alive, not two); minus the
-            # target's 1 it is d(sum of losses)/d(logits)
-            grad = logits.sub_(lse[:, None]).exp_()
+            grad = probs
             grad[rows, y_safe] -= 1.0
             grad[~valid] = 0.0  # ignored positions pass no gradient
             grad = grad.to(compute_dtype)

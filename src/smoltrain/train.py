@@ -475,6 +475,7 @@ def train(
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     last: dict[str, float] = {}
     run_start = time.perf_counter()
+    first_step = state.step + 1
     with StopRequested() as stop:
         while state.step < end_step:
             # ---- one optimizer step: accumulate gradients over micro-batches
@@ -519,6 +520,11 @@ def train(
             window_loss += loss_value
             window_steps += 1
             bar.update(1)
+            if t.compile and state.step == first_step:
+                compile_s = time.perf_counter() - run_start  # the first step compiles the model
+                metrics.write(state.step, compile_s=compile_s)
+                if accelerator.is_main_process:
+                    bar.write(f"torch.compile: the first step took {compile_s:.1f}s, compilation included")
 
             # ---- every N steps: log, evaluate, sample, checkpoint
             step = state.step
