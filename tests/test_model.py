@@ -123,22 +123,28 @@ def test_training_gradients_match_transformers(bf16):
     loss_ours.backward()
     loss_theirs.backward()
     assert torch.allclose(loss_ours, loss_theirs, rtol=1e-2 if bf16 else 1e-5)
-    grads_theirs = dict(theirs.named_parameters())
+    params_ours, params_theirs = dict(ours.named_parameters()), dict(theirs.named_parameters())
     for name in hf_state_dict(ours):
         if name == "lm_head.weight":
             continue  # tied: the embedding's gradient already holds it
-        param = dict(ours.named_parameters())[from_hf_key(name)]
-        a, b = param.grad, grads_theirs[name].grad
+        a, b = params_ours[from_hf_key(name)].grad, params_theirs[name].grad
         scale = b.abs().max()
         assert (a - b).abs().max() <= (5e-2 if bf16 else 1e-4) * scale, name
 
 
-def test_chunked_loss_gradients_match_plain():
+def loss_inputs(tokens: int, ignore_every: int):
+    """hidden (tokens, 32) and a 300-word head weight, both requiring grad, and labels with
+    every `ignore_every`-th one ignored."""
     torch.manual_seed(0)
-    hidden = torch.randn(50, 32, requires_grad=True)
+    hidden = torch.randn(tokens, 32, requires_grad=True)
     weight = torch.randn(300, 32, requires_grad=True)
-    labels = torch.randint(0, 300, (50,))
-    labels[::7] = -100
+    labels = torch.randint(0, 300, (tokens,))
+    labels[::ignore_every] = -100
+    return hidden, weight, labels
+
+
+def test_chunked_loss_gradients_match_plain():
+    hidden, weight, labels = loss_inputs(50, ignore_every=7)
     plain = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)
     g_plain = torch.autograd.grad(plain * 3, (hidden, weight))
     chunked = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
@@ -149,11 +155,7 @@ def test_chunked_loss_gradients_match_plain():
 
 
 def test_chunked_loss_gradients_under_torch_compile():
-    torch.manual_seed(0)
-    hidden = torch.randn(64, 32, requires_grad=True)
-    weight = torch.randn(300, 32, requires_grad=True)
-    labels = torch.randint(0, 300, (64,))
-    labels[::5] = -100
+    hidden, weight, labels = loss_inputs(64, ignore_every=5)
 
     def loss_fn(h, w, y):
         return chunked_linear_cross_entropy(h, w, y, chunk_size=16)

@@ -71,9 +71,12 @@ def smoltrain(*args: str, timeout: int = 300, check: bool = True) -> subprocess.
     return result
 
 
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in metric_rows(out) if "loss" in r}
 
 
 def test_reference_schedule():
@@ -172,7 +175,7 @@ def test_final_folder_loads_in_transformers(tmp_path):
     assert list(out.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
     for name in ("metrics.jsonl", "loss.png", "final/model.safetensors", "final/tokenizer.json"):
         assert (out / name).is_file(), name
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
     assert any("eval_loss" in r and "perplexity" in r for r in rows)
     assert any(r.get("sample", "").startswith("The future of AI is") for r in rows)
@@ -222,7 +225,7 @@ def test_resume_of_finished_run_adds_the_extra_steps(tmp_path):
         )
     )
     smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "run"))
-    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "run")
     extra = [r for r in rows if "lr" in r and r["step"] > 4]
     assert [r["step"] for r in extra] == [5, 6, 7] and all(r["lr"] == 1e-4 for r in extra)
 
@@ -339,5 +342,4 @@ def test_compiled_model_trains_like_eager(tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in (1, 2, 3):
         assert math.isclose(eager[step], compiled[step], rel_tol=1e-5), step
-    events = [json.loads(line) for line in (tmp_path / "compiled/metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if "compile_s" in e] == [1]
+    assert [r["step"] for r in metric_rows(tmp_path / "compiled") if "compile_s" in r] == [1]

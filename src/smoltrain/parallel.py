@@ -62,6 +62,13 @@ def save_training_state(model, optimizer, folder: Path, is_main: bool, tied: boo
         torch.save(optim_state, folder / "optimizer.pt")
 
 
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, gathered from its shards (every rank joins)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+
+
 def load_training_state(model, optimizer, folder: Path, tied: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

@@ -28,6 +28,7 @@ from smoltrain.hf import load_model
 from smoltrain.model import CustomLLM
 from smoltrain.parallel import (
     clip_grad_norm,
+    full_model_state,
     gradient_sync,
     load_training_state,
     rng_state,
@@ -625,9 +626,7 @@ def export_final(model: CustomLLM, accelerator, fsdp: bool, folder: Path, tokeni
         if accelerator.is_main_process:
             model.save_pretrained(folder, tokenizer=tokenizer)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = full_model_state(model)
     if accelerator.is_main_process:
         plain = CustomLLM(model.config)
         plain.load_state_dict(state)
