@@ -8,9 +8,18 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from smoltrain.generate import generate, prepare_for_generation, process_logits, stream_generate, stream_text
+from smoltrain.generate import (
+    decode_step,
+    generate,
+    prepare_for_generation,
+    process_logits,
+    stream_generate,
+    stream_text,
+)
 from smoltrain.hf import load_model, save_model
+from smoltrain.model import CustomLLM
 
+from .conftest import micro_config
 from .test_model import to_transformers
 
 
@@ -68,6 +77,45 @@ def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path):
     with pytest.raises(ValueError, match="prepare_for_generation"):
         save_model(prepared, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_static_cache_steps_equal_the_growing_cache(sliding_window):
+    """The decode step torch.compile captures (fixed-capacity cache written at a tensor
+    position, mask over every slot), run eagerly here: the same greedy tokens as the
+    growing cache, with left padding and a sliding window."""
+    torch.manual_seed(0)
+    model = CustomLLM(micro_config(sliding_window=sliding_window)).eval()
+    ids = torch.randint(3, 256, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = mask[2, :1] = 0
+    args = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+    growing = generate(model, ids, **args)
+    model.decode_step = decode_step
+    assert torch.equal(generate(model, ids, **args), growing)
+
+
+def test_compiled_decode_generates_what_the_plain_one_does(tmp_path):
+    """prepare_for_generation(compile=True): the same greedy tokens in fp32, batched and
+    padded, and one compiled graph serves generations of other lengths."""
+    from torch._dynamo.utils import counters
+
+    plain = load_model("smollm2")
+    compiled = prepare_for_generation(load_model("smollm2"), compile=True)
+    assert compiled.decode_step is not None and compiled.num_parameters() == plain.num_parameters()
+    ids = torch.randint(3, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    args = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(generate(compiled, ids, **args), generate(plain, ids, **args))
+    graphs = counters["stats"]["unique_graphs"]
+    args["max_new_tokens"] = 12
+    assert torch.equal(generate(compiled, ids, **args), generate(plain, ids, **args))
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    with pytest.raises(ValueError, match="prepare_for_generation"):
+        save_model(compiled, tmp_path / "out")
+    with pytest.raises(ValueError, match="without compile=True"):
+        prepare_for_generation(prepare_for_generation(load_model("smollm2")), compile=True)
 
 
 def test_batched_left_padding_equals_one_by_one(tiny_model):

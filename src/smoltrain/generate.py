@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smoltrain.model import CustomLLM, KVCache
@@ -46,25 +47,89 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
         return False
 
 
-def prepare_for_generation(model: CustomLLM) -> CustomLLM:
-    """Turn a model into an inference-only one, in place: eval mode, no gradients, and on CPU
-    every linear layer computed by oneDNN (`OneDNNLinear`), with q/k/v and gate/up each
-    merged into one matmul (fewer, larger weight reads). Decoding is then 1.4-1.9x faster
-    (bench/RESULTS.md) with the same greedy tokens. The model cannot be trained or saved
-    afterwards (`save_model` refuses it); load it again for that."""
-    model.eval().requires_grad_(False)
-    if model.inference_only or model.device.type != "cpu" or not _onednn_linear_works(model.dtype):
-        return model
+class ReductionLinear(nn.Module):
+    """A frozen linear layer for a compiled decode step. On CPU, for a single row, it writes
+    x @ W.T as a product and a sum, which torch.compile turns into one vectorized pass over
+    the weights on every core: it reads them at the memory bandwidth (about 33 GB/s here),
+    where the library kernels an `mm` is sent to reach 11 (MKL) to 27 (oneDNN). Otherwise,
+    and in eager mode (the product would be materialized), it is `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares a tied weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+def decode_step(
+    model: CustomLLM,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache_position: torch.Tensor,
+    mask: torch.Tensor,
+    cache: KVCache,
+) -> torch.Tensor:
+    """Logits (B, V) after one new token per row (B, 1), written to the cache slot
+    `cache_position` (1,); `mask` (B, 1, 1, capacity) says which slots each row sees. Every
+    shape is fixed by the batch and the cache's capacity, and the position is a tensor, so
+    torch.compile captures it once for all the steps of a generation."""
+    out = model(
+        input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        cache_position=cache_position,
+    )
+    return out.logits[:, -1]
+
+
+def _repack_linears(model: CustomLLM, make_linear) -> None:
+    """Replace every linear by `make_linear(weight)`, q/k/v and gate/up each merged into one
+    (fewer, larger weight reads)."""
     with torch.no_grad():
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            attn.qkv_proj = OneDNNLinear(qkv)
-            mlp.gate_up_proj = OneDNNLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            attn.qkv_proj = make_linear(
+                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            )
+            mlp.gate_up_proj = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
             del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj  # free the originals
-            attn.o_proj = OneDNNLinear(attn.o_proj.weight)
-            mlp.down_proj = OneDNNLinear(mlp.down_proj.weight)
-        model.lm_head = OneDNNLinear(model.lm_head.weight)
+            attn.o_proj = make_linear(attn.o_proj.weight)
+            mlp.down_proj = make_linear(mlp.down_proj.weight)
+        model.lm_head = make_linear(model.lm_head.weight)
+
+
+def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM:
+    """Turn a model into an inference-only one, in place: eval mode, no gradients, q/k/v and
+    gate/up each merged into one matmul, and
+    - by default, on CPU, every linear computed by oneDNN (`OneDNNLinear`): decoding is
+      1.6-2.3x faster than transformers' generate (bench/RESULTS.md), at any batch size;
+    - with `compile=True` (CPU or CUDA), every decode step after the prompt run by
+      `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`): at
+      batch 1 on CPU another 2x, at the price of compiling (20-40 s, once per batch size
+      and cache size); at batch 8 the default is faster.
+    Greedy tokens are those of the plain model. The model cannot be trained or saved
+    afterwards (`save_model` refuses it); load it again for that."""
+    model.eval().requires_grad_(False)
+    if model.inference_only:
+        if compile and model.decode_step is None:
+            raise ValueError("this model was prepared without compile=True; load it again to compile it")
+        return model
+    if compile:
+        if model.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"compile=True runs on CPU or CUDA, not {model.device.type}; leave it off there")
+        _repack_linears(model, ReductionLinear)
+        model.decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    elif model.device.type == "cpu" and _onednn_linear_works(model.dtype):
+        _repack_linears(model, OneDNNLinear)
+    else:
+        return model
     model.inference_only = True
     return model
 
@@ -164,22 +229,39 @@ def stream_generate(
     else:
         position_ids = torch.arange(T, device=model.device)[None].expand(B, T)
 
-    cache = KVCache(model.config, B, T + max_new_tokens, model.device, model.dtype)
+    capacity = T + max_new_tokens
+    if model.decode_step is not None:
+        # a power of two from 256: a compiled step serves many prompt and output lengths
+        capacity = min(max(256, 1 << (capacity - 1).bit_length()), context)
+        slots = torch.zeros(B, capacity, dtype=torch.bool, device=model.device)  # cache slots in use
+        slots[:, :T] = True if attention_mask is None else attention_mask.bool()
+        slot_index = torch.arange(capacity, device=model.device)
+    cache = KVCache(model.config, B, capacity, model.device, model.dtype)
     generated = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
     step_ids, step_positions = input_ids, position_ids
-    for _ in range(max_new_tokens):
-        out = model(
-            step_ids,
-            attention_mask=attention_mask,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        scores = process_logits(
-            out.logits[:, -1], generated, do_sample, temperature, top_k, top_p, repetition_penalty
-        )
+    for step in range(max_new_tokens):
+        if step > 0 and model.decode_step is not None:
+            slot = cache.length
+            slots[:, slot] = True
+            mask = slots
+            if model.config.sliding_window is not None:
+                mask = slots & (slot_index > slot - model.config.sliding_window)
+            cache_position = torch.tensor([slot], device=model.device)
+            logits = model.decode_step(
+                model, step_ids, step_positions, cache_position, mask[:, None, None], cache
+            )
+            cache.advance(1)
+        else:
+            logits = model(
+                step_ids,
+                attention_mask=attention_mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        scores = process_logits(logits, generated, do_sample, temperature, top_k, top_p, repetition_penalty)
         if do_sample:
             next_ids = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
