@@ -99,7 +99,7 @@ def generate(args) -> dict:
 
         model = load_model(folder, dtype=dtype, device=args.device)
         params = model.num_parameters()  # before repacking; a tied weight counted once
-        model = prepare_for_generation(model)
+        model = prepare_for_generation(model, compile=args.compile)
 
         def run(n):
             return model.generate(ids, max_new_tokens=n, eos_token_id=[])
@@ -131,7 +131,7 @@ def generate(args) -> dict:
         "seconds": gen_s,
         "params": params,
         "weight_bytes": params * dtype.itemsize,
-        "warmup_s": warmup_s,
+        "warmup_s": warmup_s,  # with --compile: mostly compilation
         "peak_memory_mb": _peak_memory_mb(args.device),
         "tokens": out[0, ids.shape[1] :].tolist(),
     }

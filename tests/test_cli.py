@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from smoltrain.cli import main
@@ -14,14 +15,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_generate_cli_streams_the_greedy_continuation(tmp_path, smollm2_tokenizer):
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_generate_cli_streams_the_greedy_continuation(flags, tmp_path, smollm2_tokenizer):
     from smoltrain.config import get_preset
     from smoltrain.model import CustomLLM
 
     torch.manual_seed(0)
     model = CustomLLM(get_preset("tiny", num_hidden_layers=2)).eval()
     model.save_pretrained(tmp_path, tokenizer=smollm2_tokenizer)
-    result = run_cli("generate", "--model", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "8")
+    args = ["--model", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "8", *flags]
+    result = run_cli("generate", *args)
     assert result.returncode == 0, result.stderr
     ids = smollm2_tokenizer("Hello world", return_tensors="pt")["input_ids"]
     expected = smollm2_tokenizer.decode(

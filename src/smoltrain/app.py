@@ -27,8 +27,10 @@ class Limits:
     repetition_penalty: tuple[float, float] = (1.0, 2.0)
 
 
-def load_for_serving(model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu"):
-    model = prepare_for_generation(load_model(model_spec, device=device))
+def load_for_serving(
+    model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu", compile: bool = False
+):
+    model = prepare_for_generation(load_model(model_spec, device=device), compile=compile)
     tokenizer = tokenizer_for(model_spec, tokenizer_spec)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     return model, tokenizer
@@ -99,10 +101,12 @@ def stream_reply(
     yield text, stats
 
 
-def build_app(model_spec: str = "smollm2", tokenizer_spec: str | None = None, device: str = "cpu"):
+def build_app(
+    model_spec: str = "smollm2", tokenizer_spec: str | None = None, device: str = "cpu", compile: bool = False
+):
     import gradio as gr
 
-    model, tokenizer = load_for_serving(model_spec, tokenizer_spec, device)
+    model, tokenizer = load_for_serving(model_spec, tokenizer_spec, device, compile)
     limits = Limits()
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     name = Path(str(model_spec)).name if model_spec != "smollm2" else "SmolLM2-135M-Instruct (bundled)"
