@@ -17,7 +17,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,17 +27,6 @@ from smoltrain.device import measure_peak_flops
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 HERE = Path(__file__).resolve().parent
-
-
-def read_bandwidth(mb: int) -> float:
-    """Bytes/s read by summing a tensor far larger than the caches: the ceiling for
-    weight-bound decoding, which reads every weight once per step."""
-    src = torch.ones(mb * 2**20 // 4)
-    src.sum()
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
-        src.sum()
-    return src.numel() * 4 * reps / (time.perf_counter() - start)
 
 
 def worker(*args: str) -> dict:
@@ -77,10 +65,8 @@ def main() -> None:
     n = 512 if quick else 2048
     peaks = {dtype: measure_peak_flops("cpu", getattr(torch, name), n) for dtype, name in PRECISIONS.items()}
     bandwidth_mb = 64 if quick else 512
-    bandwidth = read_bandwidth(bandwidth_mb)
     print(
-        f"matmul peak ({n}^3): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-        f"read bandwidth {bandwidth / 1e9:.1f} GB/s",
+        f"matmul peak ({n}^3): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s",
         flush=True,
     )
 
@@ -171,15 +157,18 @@ def main() -> None:
                     new_tokens,
                     "--repeats",
                     "1" if quick else "3",
+                    "--bandwidth-mb",
+                    str(bandwidth_mb),
                 ],
                 contenders,
             )
             hf = median_of(runs["hf"], "tokens_per_s")
             weight_bytes, params = runs["ours"][0]["weight_bytes"], runs["ours"][0]["params"]
-            # each decode step reads every weight once and does 2 FLOPs per weight and row
-            limit = min(bandwidth / weight_bytes, peaks[precision] / (2 * params * batch)) * batch
             for contender in contenders[:-1]:
                 ours = median_of(runs[contender], "tokens_per_s")
+                bandwidth = median_of(runs[contender], "bandwidth")  # measured beside its runs
+                # each decode step reads every weight once and does 2 FLOPs per weight and row
+                limit = min(bandwidth / weight_bytes, peaks[precision] / (2 * params * batch)) * batch
                 compiled = contender == "ours-compiled"
                 same = runs[contender][0]["tokens"] == runs["hf"][0]["tokens"]
                 row = {
@@ -189,6 +178,7 @@ def main() -> None:
                     "ours": ours,
                     "hf": hf,
                     "ratio": ours / hf,
+                    "bandwidth": bandwidth,
                     "limit": limit,
                     "of_limit": ours / limit,
                     "same_tokens": same,
@@ -197,17 +187,17 @@ def main() -> None:
                 print(
                     f"generate {precision} batch {batch}{' compiled' if compiled else ''}: ours {ours:,.1f} "
                     f"tok/s vs transformers {hf:,.1f} ({row['ratio']:.2f}x); weight-bandwidth limit "
-                    f"{limit:,.0f} tok/s (ours at {row['of_limit']:.0%}); same tokens: {same}",
+                    f"{limit:,.0f} tok/s at {bandwidth / 1e9:.0f} GB/s (ours at {row['of_limit']:.0%}); "
+                    f"same tokens: {same}",
                     flush=True,
                 )
 
     if out is not None:
-        write_report(out, peaks, (bandwidth, bandwidth_mb), n, rows_train, rows_gen, rounds, quick)
+        write_report(out, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds, quick)
         print(f"wrote {out}")
 
 
-def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds, quick) -> None:
-    bandwidth, bandwidth_mb = bandwidth
+def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds, quick) -> None:
     lines = [
         "# smoltrain vs transformers",
         "",
@@ -216,8 +206,8 @@ def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds, q
         f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
         f"- matmul peak ({n}^3 torch.mm): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-        f"memory read bandwidth (sum of a {bandwidth_mb} MiB tensor) {bandwidth / 1e9:.1f} GB/s",
+        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; memory read bandwidth: summing a {bandwidth_mb} MiB "
+        "tensor in each generation run, right before each timed repeat (it moves with the neighbours)",
         "",
         "## Training (AdamW step, identical weights and batch; median of "
         + ("2 steps after 1 warm-up, --quick)" if quick else "5 steps after 2 warm-up)"),
@@ -244,9 +234,9 @@ def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds, q
         "`compile=True` (static cache, decode step compiled; its warm-up of 8 tokens is mostly "
         "compilation, shorter with a warm inductor cache). Theirs: `generate` as it comes.",
         "",
-        "| ours | precision | batch | ours tok/s | transformers tok/s | ours/theirs | weight-bandwidth limit "
-        "| ours of limit | same tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ours | precision | batch | ours tok/s | transformers tok/s | ours/theirs | read GB/s "
+        "| weight-bandwidth limit | ours of limit | same tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows_gen:
         ours = "prepared"
@@ -254,7 +244,8 @@ def write_report(out: Path, peaks, bandwidth, n, rows_train, rows_gen, rounds, q
             ours = f"prepared, compiled decode (warm-up {r['compile_s']:.0f} s)"
         lines.append(
             f"| {ours} | {r['precision']} | {r['batch']} | {r['ours']:,.1f} | {r['hf']:,.1f} | "
-            f"**{r['ratio']:.2f}x** | {r['limit']:,.0f} | {r['of_limit']:.0%} | {r['same_tokens']} |"
+            f"**{r['ratio']:.2f}x** | {r['bandwidth'] / 1e9:.0f} | {r['limit']:,.0f} | {r['of_limit']:.0%} | "
+            f"{r['same_tokens']} |"
         )
     lines += [
         "",

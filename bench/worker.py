@@ -29,6 +29,20 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def read_bandwidth(probe: torch.Tensor, reps: int = 5) -> float:
+    """Bytes/s read by summing `probe`, a tensor far larger than the caches: the ceiling for
+    weight-bound decoding, which reads every weight once per step. Median of `reps`."""
+    probe.sum()
+    rates = []
+    for _ in range(reps):
+        sync(probe.device.type)
+        start = time.perf_counter()
+        probe.sum()
+        sync(probe.device.type)
+        rates.append(probe.numel() * probe.element_size() / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def build_pair_model(impl: str, preset: str, device: str, overrides: dict):
     """Both contenders get the same weights: ours initialized with seed 0, copied into HF."""
     torch.manual_seed(0)
@@ -117,13 +131,18 @@ def generate(args) -> dict:
         start = time.perf_counter()
         run(8)  # warm-up (and compilation, when on)
         warmup_s = time.perf_counter() - start
-        times = []
+        # The bandwidth of a shared machine moves from minute to minute (27-57 GB/s here):
+        # measured right before each timed run, in the same process, it is the run's own limit.
+        probe = torch.ones(args.bandwidth_mb * 2**20 // 4, device=args.device)
+        times, bandwidths = [], []
         for _ in range(args.repeats):
+            bandwidths.append(read_bandwidth(probe))
             sync(args.device)
             start = time.perf_counter()
             out = run(args.new_tokens)
             sync(args.device)
             times.append(time.perf_counter() - start)
+        del probe
     assert out.shape[1] == ids.shape[1] + args.new_tokens
     gen_s = statistics.median(times)
     return {
@@ -131,7 +150,8 @@ def generate(args) -> dict:
         "seconds": gen_s,
         "params": params,
         "weight_bytes": params * dtype.itemsize,
-        "warmup_s": warmup_s,  # with --compile: mostly compilation
+        "warmup_s": warmup_s,
+        "bandwidth": statistics.median(bandwidths),  # with --compile: mostly compilation
         "peak_memory_mb": _peak_memory_mb(args.device),
         "tokens": out[0, ids.shape[1] :].tolist(),
     }
@@ -152,6 +172,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe")
     args = parser.parse_args()
     result = train(args) if args.kind == "train" else generate(args)
     print(json.dumps(result))

@@ -3,6 +3,7 @@ synchronisation and the matmul peak that MFU is measured against."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -34,16 +35,19 @@ def sync(device: torch.device | str) -> None:
 
 
 def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, n: int | None = None) -> float:
-    """FLOP/s of an n^3 matmul here: the ceiling MFU is measured against."""
+    """FLOP/s of an n^3 matmul here: the ceiling MFU is measured against. The median of 7
+    timings, so that one slow moment on a shared machine does not move it."""
     device = torch.device(device)
     n = n or (2048 if device.type != "cpu" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    sync(device)
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
+    times = []
+    for _ in range(7):
+        sync(device)
+        start = time.perf_counter()
         a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
