@@ -150,8 +150,8 @@ def generate(args) -> dict:
         "seconds": gen_s,
         "params": params,
         "weight_bytes": params * dtype.itemsize,
-        "warmup_s": warmup_s,
-        "bandwidth": statistics.median(bandwidths),  # with --compile: mostly compilation
+        "warmup_s": warmup_s,  # with --compile: mostly compilation
+        "bandwidth": statistics.median(bandwidths),
         "peak_memory_mb": _peak_memory_mb(args.device),
         "tokens": out[0, ids.shape[1] :].tolist(),
     }

@@ -276,7 +276,7 @@ def stream_generate(
         generated = torch.cat([generated, next_ids[:, None]], dim=1)
         step_ids = next_ids[:, None]
         step_positions = step_positions[:, -1:] + 1
-        if attention_mask is not None:
+        if attention_mask is not None and model.decode_step is None:  # compiled steps use `slots`
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
 
 
