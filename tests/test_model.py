@@ -154,6 +154,23 @@ def test_chunked_loss_gradients_match_plain():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_chunked_loss_ignored_chunks_pass_no_gradient():
+    # the first chunk of 16 entirely ignored, and then everything: zero gradients, no NaN
+    hidden, weight, labels = loss_inputs(40, ignore_every=3)
+    labels[:16] = -100
+    plain = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)
+    chunked = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    g_chunked = torch.autograd.grad(chunked, (hidden, weight))
+    assert torch.allclose(plain, chunked, rtol=1e-5)
+    assert (g_chunked[0][:16] == 0).all()
+    for a, b in zip(g_plain, g_chunked, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    none = chunked_linear_cross_entropy(hidden, weight, torch.full_like(labels, -100), chunk_size=16)
+    grad_hidden, grad_weight = torch.autograd.grad(none, (hidden, weight))
+    assert none == 0 and (grad_hidden == 0).all() and (grad_weight == 0).all()
+
+
 def test_chunked_loss_gradients_under_torch_compile():
     hidden, weight, labels = loss_inputs(64, ignore_every=5)
 

@@ -22,9 +22,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
-        )
+        grad_weight = None  # fp32, written by the first chunk's matmul (no zero-filled pass)
         w = weight.to(compute_dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].to(compute_dtype)  # (n, H)
@@ -49,20 +47,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.logsumexp(exact, -1) - exact.gather(1, y_safe[underflow, None])[:, 0]
                 )
             loss += torch.where(valid, token_loss, 0.0).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
             grad = probs
-            grad[rows, y_safe] -= 1.0
-            grad[~valid] = 0.0  # ignored positions pass no gradient
-            grad = grad.to(compute_dtype)
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk_size] = (grad @ w).to(hidden.dtype)
-            if grad_weight is None:
+            del probs
+            if grad_hidden is None and not need_grad_weight:
                 continue
-            if grad.dtype == torch.float32:
-                grad_weight.addmm_(grad.T, h)  # accumulate inside the matmul: no (V x H) temporary
-            else:
-                grad_weight += grad.T @ h  # cast while adding: no fp32 copy
+            grad[rows, y_safe] -= 1.0
+            grad = grad.to(compute_dtype)
+            # Ignored positions pass no gradient. Their rows of `grad` are left as they are
+            # and masked on the (n, H) side instead: zeroing them in the (n, V) buffer was a
+            # full pass over it (2% of a 135M step).
+            keep = valid[:, None].to(compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = ((grad @ w) * keep).to(hidden.dtype)
+            if need_grad_weight:
+                h = h * keep
+                if grad_weight is None:
+                    grad_weight = (grad.T @ h).float()
+                elif grad.dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)  # accumulate inside the matmul: no (V x H) temporary
+                else:
+                    grad_weight += grad.T @ h  # cast while adding: no fp32 copy
+            del grad  # before the next chunk's logits: one (n, V) buffer less at the peak
+        if need_grad_weight and grad_weight is None:  # no tokens at all
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # in place: a (V x H) copy here would be the step's memory peak
         ctx.save_for_backward(
             grad_hidden.div_(n_valid) if grad_hidden is not None else None,
