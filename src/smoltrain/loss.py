@@ -47,15 +47,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.logsumexp(exact, -1) - exact.gather(1, y_safe[underflow, None])[:, 0]
                 )
             loss += torch.where(valid, token_loss, 0.0).sum()
+            if grad_hidden is None and not need_grad_weight:
+                del probs  # freed before the next chunk's logits, as `grad` is below
+                continue
             grad = probs
             del probs
-            if grad_hidden is None and not need_grad_weight:
-                continue
             grad[rows, y_safe] -= 1.0
             grad = grad.to(compute_dtype)
             # Ignored positions pass no gradient. Their rows of `grad` are left as they are
             # and masked on the (n, H) side instead: zeroing them in the (n, V) buffer was a
-            # full pass over it (2% of a 135M step).
+            # full pass over it (20 ms of a 3.5 s 135M bf16 step).
             keep = valid[:, None].to(compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = ((grad @ w) * keep).to(hidden.dtype)
