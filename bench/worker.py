@@ -18,7 +18,7 @@ from smoltrain.config import get_preset
 from smoltrain.device import sync
 from smoltrain.hf import hf_state_dict
 from smoltrain.model import CustomLLM
-from smoltrain.perf import keep_freed_memory
+from smoltrain.perf import keep_freed_memory, relaunch_with_lean_malloc
 
 PROMPT = "The future of AI is"
 
@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe")
     args = parser.parse_args()
+    if args.impl == "ours":
+        relaunch_with_lean_malloc()  # as the `smoltrain train` command does
     result = train(args) if args.kind == "train" else generate(args)
     print(json.dumps(result))
 

@@ -6,7 +6,7 @@ from transformers import LlamaForCausalLM, MistralForCausalLM
 from smoltrain.config import get_preset
 from smoltrain.hf import from_hf_key, hf_state_dict
 from smoltrain.loss import chunked_linear_cross_entropy
-from smoltrain.model import CustomLLM
+from smoltrain.model import CustomLLM, cast_for_projections
 
 from .conftest import micro_config
 
@@ -253,3 +253,68 @@ def test_chunked_loss_exact_when_probabilities_underflow():
     plain = F.cross_entropy(hidden @ weight.T, labels)
     chunked = chunked_linear_cross_entropy(hidden, weight, labels)
     assert torch.isfinite(chunked) and torch.allclose(plain, chunked)
+
+
+def test_chunked_loss_backward_twice_with_retained_graph():
+    # backward scales its saved gradients in place only when the graph is not kept
+    hidden, weight, labels = loss_inputs(50, ignore_every=7)
+    loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16) * 2
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cpu_rms_norm_keeps_less_and_matches_the_fused_kernel():
+    torch.manual_seed(0)
+    norm = CustomLLM(micro_config()).layers[0].input_norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, norm.weight.shape[0], requires_grad=True)
+    grad_out = torch.randn(2, 16, norm.weight.shape[0])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = norm(x)
+    grads_ours = torch.autograd.grad(ours, (x, norm.weight), grad_out)
+    reference = F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    grads_ref = torch.autograd.grad(reference, (x, norm.weight), grad_out)
+    assert torch.equal(ours, reference)
+    for a, b in zip(grads_ours, grads_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    # the input, the (tokens x 1) inverse RMS and the weight: no normalized copy of x
+    assert sorted(t.numel() for t in saved) == sorted([x.numel(), 2 * 16, norm.weight.numel()])
+
+
+def test_projection_inputs_cast_once_under_bf16_autocast():
+    """q, k, v (and gate, up) read one bf16 copy of their input, kept once for backward,
+    and the gradient still reaches x summed in fp32, equal to autocast's own casts."""
+    torch.manual_seed(0)
+    model = CustomLLM(micro_config()).train()
+    hidden = model.config.hidden_size
+    ids = torch.randint(0, 256, (2, 16))
+    storages = set()
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.shape[-1] == hidden and t.numel() == 2 * 16 * hidden:
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids, return_logits=False).loss
+    loss.backward()
+    # per layer: the attention input, the MLP input and o_proj's input; autocast alone made 6
+    assert len(storages) == 3 * model.config.num_hidden_layers
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    leaf = torch.randn(4, hidden, requires_grad=True)
+    x = leaf * 1.0  # not a leaf: autocast would cache a leaf's cast (and sum its grads in bf16)
+    weights = [torch.randn(8, hidden) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inputs = cast_for_projections(x, 3)
+        shared = sum(F.linear(xi, w).float().sum() for xi, w in zip(inputs, weights, strict=True))
+        separate = sum(F.linear(x, w).float().sum() for w in weights)
+    assert torch.equal(shared, separate)
+    (grad_shared,) = torch.autograd.grad(shared, leaf, retain_graph=True)
+    (grad_separate,) = torch.autograd.grad(separate, leaf)
+    assert grad_shared.dtype == torch.float32
+    assert torch.allclose(grad_shared, grad_separate, rtol=1e-6, atol=1e-6)

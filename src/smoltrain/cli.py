@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
+        if argv is None:  # a real command line, not a call from Python
+            from smoltrain.perf import relaunch_with_lean_malloc
+
+            relaunch_with_lean_malloc()  # needs a fresh process: glibc reads it at start-up
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
