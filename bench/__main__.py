@@ -50,6 +50,10 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def median_mfu(runs: list[dict], flops_per_token: float) -> float:
+    return statistics.median(r["tokens_per_s"] * flops_per_token / r["matmul_peak_flops"] for r in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,6 +109,8 @@ def main() -> None:
                     "1" if quick else "2",
                     "--overrides",
                     o,
+                    "--peak-n",
+                    str(n),
                     *(["--compile"] if cm else []),
                 ],
             )
@@ -119,8 +125,10 @@ def main() -> None:
                 "ours": ours,
                 "hf": hf,
                 "ratio": ours / hf,
-                "mfu_ours": ours * flops_per_token / peaks[precision],
-                "mfu_hf": hf * flops_per_token / peaks[precision],
+                # each run against the matmul peak its own worker measured right after it
+                "mfu_ours": median_mfu(runs["ours"], flops_per_token),
+                "mfu_hf": median_mfu(runs["hf"], flops_per_token),
+                "matmul_peak": median_of(runs["ours"] + runs["hf"], "matmul_peak_flops"),
                 "mem_ours": mem_ours,
                 "mem_hf": mem_hf,
                 "mem_ratio": mem_ours / mem_hf,
@@ -129,7 +137,8 @@ def main() -> None:
             label = f"{preset}{' compiled' if compiled else ''}"
             print(
                 f"train {label} {precision}: ours {ours:,.0f} tok/s vs transformers {hf:,.0f} "
-                f"({row['ratio']:.2f}x), MFU {row['mfu_ours']:.0%} vs {row['mfu_hf']:.0%}, "
+                f"({row['ratio']:.2f}x), MFU {row['mfu_ours']:.0%} vs {row['mfu_hf']:.0%} "
+                f"(peak {row['matmul_peak'] / 1e9:.0f} GFLOP/s), "
                 f"peak memory {mem_ours:,.0f} vs {mem_hf:,.0f} MB",
                 flush=True,
             )
@@ -205,16 +214,17 @@ def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds
         f"{torch.get_num_threads()} threads, {platform.platform()}",
         f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
-        f"- matmul peak ({n}^3 torch.mm): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; memory read bandwidth: summing a {bandwidth_mb} MiB "
+        f"- matmul peak ({n}^3 torch.mm) at the start: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (training MFU uses the peak each worker measures "
+        "right after its timed steps, shown per row); memory read bandwidth: summing a {bandwidth_mb} MiB "
         "tensor in each generation run, right before each timed repeat (it moves with the neighbours)",
         "",
         "## Training (AdamW step, identical weights and batch; median of "
         + ("2 steps after 1 warm-up, --quick)" if quick else "5 steps after 2 warm-up)"),
         "",
         "| model | precision | batch | ours tok/s | transformers tok/s | ours/theirs | MFU ours "
-        "| MFU theirs | peak MB ours | peak MB theirs | memory ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| MFU theirs | matmul peak GFLOP/s | peak MB ours | peak MB theirs | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows_train:
         model = r["preset"]
@@ -223,8 +233,9 @@ def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds
             model += f", torch.compile (compile {ours_s:.0f} s vs {hf_s:.0f} s)"
         lines.append(
             f"| {model} | {r['precision']} | {r['batch']} | {r['ours']:,.0f} | {r['hf']:,.0f} | "
-            f"**{r['ratio']:.2f}x** | {r['mfu_ours']:.0%} | {r['mfu_hf']:.0%} | {r['mem_ours']:,.0f} | "
-            f"{r['mem_hf']:,.0f} | {r['mem_ratio']:.2f} |"
+            f"**{r['ratio']:.2f}x** | {r['mfu_ours']:.0%} | {r['mfu_hf']:.0%} | "
+            f"{r['matmul_peak'] / 1e9:.0f} | "
+            f"{r['mem_ours']:,.0f} | {r['mem_hf']:,.0f} | {r['mem_ratio']:.2f} |"
         )
     lines += [
         "",
@@ -250,9 +261,12 @@ def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds
     lines += [
         "",
         "MFU: model FLOPs per token (6N + 12·L·H·T, PaLM appendix B) x tokens/s over the matmul peak of "
-        "that precision. The generation limit: the tokens/s at which a decode step's weight reads take "
-        "the whole time (read bandwidth / bytes of weights, x batch), or its matmuls do (peak / 2N per "
-        "row), whichever is lower.",
+        "that precision, measured in the same worker right after the timed steps (median over the row's "
+        "runs). Peak memory: the worker's peak resident set (CPU) or max allocated (CUDA); smoltrain's "
+        "worker runs, as `smoltrain train` does, with glibc's tcache off (`smoltrain/perf.py`), "
+        "transformers' as it comes. The generation limit: the tokens/s at which a decode step's weight "
+        "reads take the whole time (read bandwidth / bytes of weights, x batch), or its matmuls do (peak "
+        "at the start / 2N per row), whichever is lower.",
     ]
     out.write_text("\n".join(lines) + "\n")
 

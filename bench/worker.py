@@ -15,7 +15,7 @@ import time
 import torch
 
 from smoltrain.config import get_preset
-from smoltrain.device import sync
+from smoltrain.device import measure_peak_flops, sync
 from smoltrain.hf import hf_state_dict
 from smoltrain.model import CustomLLM
 from smoltrain.perf import keep_freed_memory, relaunch_with_lean_malloc
@@ -89,10 +89,16 @@ def train(args) -> dict:
         if i >= args.warmup:
             times.append(elapsed)
     step_s = statistics.median(times)
+    peak_memory_mb = _peak_memory_mb(args.device)  # before the matmuls below add theirs
+    # The ceiling for MFU, measured right after the timed steps: a shared machine's speed
+    # drifts by 10-20% over a bench run, and a peak taken minutes earlier would move the MFU.
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    matmul_peak = measure_peak_flops(args.device, dtype, args.peak_n)
     return {
         "tokens_per_s": args.batch * args.context / step_s,
         "step_s": step_s,
-        "peak_memory_mb": _peak_memory_mb(args.device),
+        "matmul_peak_flops": matmul_peak,
+        "peak_memory_mb": peak_memory_mb,
         "loss": float(loss.detach()),
         "compile_s": compile_s,
     }
@@ -172,6 +178,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--peak-n", type=int, default=2048, help="size of the matmul that measures the peak")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe")
     args = parser.parse_args()
     if args.impl == "ours":
