@@ -260,13 +260,14 @@ def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds
         )
     lines += [
         "",
-        "MFU: model FLOPs per token (6N + 12·L·H·T, PaLM appendix B) x tokens/s over the matmul peak of "
-        "that precision, measured in the same worker right after the timed steps (median over the row's "
-        "runs). Peak memory: the worker's peak resident set (CPU) or max allocated (CUDA); smoltrain's "
-        "worker runs, as `smoltrain train` does, with glibc's tcache off (`smoltrain/perf.py`), "
-        "transformers' as it comes. The generation limit: the tokens/s at which a decode step's weight "
-        "reads take the whole time (read bandwidth / bytes of weights, x batch), or its matmuls do (peak "
-        "at the start / 2N per row), whichever is lower.",
+        "MFU: model FLOPs per token (6N + 12·L·H·T, PaLM appendix B) x tokens/s over the matmul peak "
+        "of that precision, measured in the same worker right after the timed steps (the fastest of "
+        "15 matmuls; median over the row's runs). Peak memory: the worker's peak resident set (CPU) "
+        "or max allocated (CUDA); smoltrain's worker runs, as `smoltrain train` does, with glibc's "
+        "tcache off (`smoltrain/perf.py`), transformers' as it comes. The generation limit: the "
+        "tokens/s at which a decode step's weight reads take the whole time (read bandwidth / bytes "
+        "of weights, x batch), or its matmuls do (peak at the start / 2N per row), whichever is "
+        "lower.",
     ]
     out.write_text("\n".join(lines) + "\n")
 

@@ -93,7 +93,7 @@ def train(args) -> dict:
     # The ceiling for MFU, measured right after the timed steps: a shared machine's speed
     # drifts by 10-20% over a bench run, and a peak taken minutes earlier would move the MFU.
     dtype = torch.bfloat16 if bf16 else torch.float32
-    matmul_peak = measure_peak_flops(args.device, dtype, args.peak_n)
+    matmul_peak = measure_peak_flops(args.device, dtype, args.peak_n, repeats=15)
     return {
         "tokens_per_s": args.batch * args.context / step_s,
         "step_s": step_s,
