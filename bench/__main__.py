@@ -216,7 +216,7 @@ def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds
         f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
         f"- matmul peak ({n}^3 torch.mm) at the start: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (training MFU uses the peak each worker measures "
-        "right after its timed steps, shown per row); memory read bandwidth: summing a {bandwidth_mb} MiB "
+        f"right after its timed steps, shown per row); memory read bandwidth: summing a {bandwidth_mb} MiB "
         "tensor in each generation run, right before each timed repeat (it moves with the neighbours)",
         "",
         "## Training (AdamW step, identical weights and batch; median of "

@@ -22,3 +22,4 @@ def test_bench_quick_runs_every_path(tmp_path):
     assert all(line.endswith("same tokens: True") for line in generation)
     report = out.read_text()
     assert "| tiny | bf16 |" in report and "torch " in report
+    assert "{" not in report  # every placeholder filled in
