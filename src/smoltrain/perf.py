@@ -53,9 +53,9 @@ def relaunch_with_lean_malloc() -> None:
     SMOLTRAIN_RELAUNCHED=1 in the environment turns it off."""
     if os.environ.get(_RELAUNCHED) or platform.libc_ver()[0] != "glibc":
         return
-    if "glibc.malloc.tcache_count=" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
     env = lean_malloc_env()
+    if env["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES"):
+        return  # nothing added: a tcache setting is already there
     env[_RELAUNCHED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
