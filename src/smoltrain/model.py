@@ -161,37 +161,52 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta:g}"
 
 
-class _SharedCast(torch.autograd.Function):
-    """`x.to(dtype)` once, handed out as `n` views of one buffer, one per projection that
-    reads it. Autocast casts a projection's input itself, so q, k, v, gate and up each made
-    and kept their own copy for backward (135M bf16: 106 MB of activations). The gradients
-    of the n views are summed in x's dtype (fp32), as autocast's separate casts did."""
+class _JoinedProjection(torch.autograd.Function):
+    """x @ [w1; w2; ...].T as one matmul in `dtype`, for the projections that read the same
+    input (q/k/v, gate/up) under autocast. Autocast would cast and keep x once per projection
+    and run a narrow matmul each (k and v are 192 wide at 135M); here the weights are cast
+    into one buffer (the cast autocast makes anyway) and x is cast and kept once. Backward is
+    two matmuls instead of two per projection, and the input's gradient leaves in x's dtype
+    (fp32), as autocast's did."""
 
     @staticmethod
-    def forward(ctx, x, dtype, n):
-        ctx.input_dtype = x.dtype
-        y = x.to(dtype)
-        return tuple(y.view_as(y) for _ in range(n))
+    def forward(ctx, x, dtype, *weights):
+        sizes = [w.shape[0] for w in weights]
+        joined = torch.empty(sum(sizes), weights[0].shape[1], dtype=dtype, device=x.device)
+        for part, w in zip(joined.split(sizes), weights, strict=True):
+            part.copy_(w)
+        x_cast = x.to(dtype)
+        ctx.save_for_backward(x_cast, joined)
+        ctx.sizes, ctx.input_dtype, ctx.weight_dtype = sizes, x.dtype, weights[0].dtype
+        return F.linear(x_cast, joined)
 
     @staticmethod
-    def backward(ctx, *grads):
-        total = None
-        for g in grads:
-            if g is not None:
-                total = g.to(ctx.input_dtype) if total is None else total.add_(g)
-        return total, None, None
+    def backward(ctx, grad_out):
+        x_cast, joined = ctx.saved_tensors
+        grad_out = grad_out.to(joined.dtype)
+        grad_x = (grad_out @ joined).to(ctx.input_dtype)
+        grad_joined = grad_out.reshape(-1, grad_out.shape[-1]).T @ x_cast.reshape(-1, x_cast.shape[-1])
+        return grad_x, None, *(g.to(ctx.weight_dtype) for g in grad_joined.split(ctx.sizes))
 
 
-def cast_for_projections(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """The input of n projections: under autocast, cast once (see `_SharedCast`)."""
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The outputs of bias-free linears that all read x. In training under autocast, plain
+    `nn.Linear`s run as one joined matmul (see `_JoinedProjection`); otherwise, and for
+    wrapped or hooked modules (LoRA, quantized), each module is called as it is."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if (
+        torch.is_autocast_enabled(device_type)
+        and torch.is_grad_enabled()
+        and all(
+            type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
+            for m in linears
+        )
+    ):
         dtype = torch.get_autocast_dtype(device_type)
-        if x.dtype != dtype:
-            if torch.is_grad_enabled() and x.requires_grad:
-                return _SharedCast.apply(x, dtype, n)
-            x = x.to(dtype)
-    return (x,) * n
+        if x.dtype != dtype and all(m.weight.dtype == x.dtype for m in linears):
+            y = _JoinedProjection.apply(x, dtype, *(m.weight for m in linears))
+            return y.split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -233,8 +248,7 @@ class Attention(nn.Module):
             kv_size = self.n_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
         else:
-            x_q, x_k, x_v = cast_for_projections(x, 3)
-            q, k, v = self.q_proj(x_q), self.k_proj(x_k), self.v_proj(x_v)
+            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -246,6 +260,8 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, 1, -1))
         # A mask disables the fast causal kernel, so pass one only when it says something.
         is_causal = mask is None and k.shape[2] == T
+        if is_causal and _bf16_cpu_training(q):
+            return self.o_proj(_CPUCausalAttention.apply(q, k, v))
         # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads inside the
         # kernel, so no repeated copy of k and v is made (or kept for backward).
         y = F.scaled_dot_product_attention(
@@ -254,6 +270,76 @@ class Attention(nn.Module):
         # q, and so y, is laid out (B, T, nh, hd) in memory: this is a view, not a copy
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return self.o_proj(y)
+
+
+def _bf16_cpu_training(q: torch.Tensor) -> bool:
+    """Whether attention runs in bf16 on CPU with gradients (what `_CPUCausalAttention` does)."""
+    if q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
+        return False  # inductor has its own attention lowering
+    autocast = torch.is_autocast_enabled("cpu")
+    return (torch.get_autocast_dtype("cpu") if autocast else q.dtype) == torch.bfloat16
+
+
+class _CPUCausalAttention(torch.autograd.Function):
+    """Causal grouped-query attention for bf16 training on CPU, as batched matmuls.
+
+    q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, T, nh * hd), ready for o_proj. The query
+    heads that share a key/value head are stacked, so each product is one (group x T) by T
+    matmul per key/value head. CPU's bf16 flash kernel runs its small blocks far below the
+    matmul rate (135M, 4 x 256, per layer: 5.5 ms forward, 14-17 ms backward; here 3.5 and
+    about 10). Scores and probabilities are bf16, as in eager bf16 attention; the softmax
+    computes in fp32. Backward recomputes them (two ops) rather than keeping them, so it
+    keeps what SDPA keeps: q, k, v and the output (which o_proj keeps anyway)."""
+
+    @staticmethod
+    def _probabilities(q_grouped, keys, T):
+        """(B*nkv, group*T, T) softmax of the causally masked, scaled scores, in bf16."""
+        group = q_grouped.shape[1] // T
+        masked = torch.full((T, T), float("-inf"), dtype=q_grouped.dtype, device=q_grouped.device)
+        bias = masked.triu_(1).repeat(group, 1)  # -inf above the diagonal, for each head
+        scores = torch.baddbmm(bias, q_grouped, keys.transpose(1, 2), alpha=q_grouped.shape[-1] ** -0.5)
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, nh, T, hd = q.shape
+        nkv = k.shape[1]
+        with torch.autocast("cpu", enabled=False):
+            # bf16, head-major (one copy each): the query heads of a kv head stacked in rows
+            dense = dict(dtype=torch.bfloat16, copy=True, memory_format=torch.contiguous_format)
+            q_grouped = q.to(**dense).view(B * nkv, nh // nkv * T, hd)
+            keys, values = k.to(**dense).view(B * nkv, T, hd), v.to(**dense).view(B * nkv, T, hd)
+            probs = _CPUCausalAttention._probabilities(q_grouped, keys, T)
+            out = torch.bmm(probs, values)  # (B*nkv, group*T, hd) = (B, nh, T, hd)
+            out = out.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
+        ctx.save_for_backward(q_grouped, keys, values, out)
+        ctx.input_dtypes = q.dtype, k.dtype, v.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_grouped, keys, values, out = ctx.saved_tensors
+        B, T = out.shape[:2]
+        nkv, hd = keys.shape[0] // B, keys.shape[-1]
+        nh = out.shape[-1] // hd
+        with torch.autocast("cpu", enabled=False):
+            grad_out = grad_out.to(out.dtype)
+            probs = _CPUCausalAttention._probabilities(q_grouped, keys, T)
+            # (B, T, nh, hd) -> (B*nkv, group*T, hd), the layout of the stacked heads
+            grad_grouped = grad_out.view(B, T, nh, hd).transpose(1, 2).reshape(B * nkv, nh // nkv * T, hd)
+            grad_v = torch.bmm(probs.transpose(1, 2), grad_grouped)
+            # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums in fp32
+            rowsum = (grad_out.float() * out.float()).view(B, T, nh, hd).sum(-1)
+            rowsum = rowsum.transpose(1, 2).reshape(B * nkv, nh // nkv * T, 1).to(probs.dtype)
+            grad_scores = torch.bmm(grad_grouped, values.transpose(1, 2)).sub_(rowsum).mul_(probs)
+            del probs
+            scale = hd**-0.5
+            grad_q = torch.bmm(grad_scores, keys).mul_(scale).view(B, nh, T, hd)
+            grad_k = torch.bmm(grad_scores.transpose(1, 2), q_grouped).mul_(scale).view(B, nkv, T, hd)
+        dtype_q, dtype_k, dtype_v = ctx.input_dtypes
+        return grad_q.to(dtype_q), grad_k.to(dtype_k), grad_v.view(B, nkv, T, hd).to(dtype_v)
 
 
 def _one_query_attention(
@@ -313,8 +399,7 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            x_gate, x_up = cast_for_projections(x, 2)
-            gate, up = self.gate_proj(x_gate), self.up_proj(x_up)
+            gate, up = project(x, self.gate_proj, self.up_proj)
         if torch.is_grad_enabled() and isinstance(self.down_proj, nn.Linear):
             return _GatedDown.apply(gate, up, self.down_proj.weight)
         return self.down_proj(self.act_fn(gate) * up)
