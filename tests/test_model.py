@@ -216,14 +216,19 @@ def test_sliding_window_equals_banded_mask():
     assert (windowed - theirs).abs().max() < 1e-5
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gradient_checkpointing_same_gradients(bf16):
+    """Recomputing each layer in backward changes no gradient, also through the joined
+    projections and the CPU attention that bf16 autocast uses."""
     torch.manual_seed(0)
     model = CustomLLM(micro_config()).train()
     ids = torch.randint(0, 256, (2, 16))
 
     def grads():
         model.zero_grad()
-        model(ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
     plain = grads()
@@ -333,9 +338,11 @@ def test_projections_joined_under_bf16_autocast():
     assert calls == [(4, attn.k_proj.out_features)]
 
 
-def test_cpu_causal_attention_matches_sdpa_in_bf16():
+@pytest.mark.parametrize("block", [128, 20])  # one block; three, the last one shorter
+def test_cpu_causal_attention_matches_sdpa_in_bf16(block, monkeypatch):
     """The bf16 CPU training attention (batched matmuls) is as close to an fp64 reference as
     SDPA's own bf16 kernel, forward and backward, and keeps no (T x T) tensor for backward."""
+    monkeypatch.setattr(_CPUCausalAttention, "block", block)
     torch.manual_seed(0)
     B, T, nh, nkv, hd = 2, 48, 6, 2, 16
     q = torch.randn(B, T, nh, hd).transpose(1, 2)  # laid out as the model's are

@@ -286,58 +286,87 @@ class _CPUCausalAttention(torch.autograd.Function):
     """Causal grouped-query attention for bf16 training on CPU, as batched matmuls.
 
     q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, T, nh * hd), ready for o_proj. The query
-    heads that share a key/value head are stacked, so each product is one (group x T) by T
-    matmul per key/value head. CPU's bf16 flash kernel runs its small blocks far below the
-    matmul rate (135M, 4 x 256, per layer: 5.5 ms forward, 14-17 ms backward; here 3.5 and
-    about 10). Scores and probabilities are bf16, as in eager bf16 attention; the softmax
-    computes in fp32. Backward recomputes them (two ops) rather than keeping them, so it
-    keeps what SDPA keeps: q, k, v and the output (which o_proj keeps anyway)."""
+    heads that share a key/value head are interleaved into one matrix of (position, head)
+    rows, so each product is one matmul per key/value head, and the rows go in blocks of
+    `block` positions, each block against only the keys it can see (3/4 of the full square
+    at T=256). CPU's bf16 flash kernel runs its small blocks far below the matmul rate (135M,
+    4 x 256, a layer forward + backward: 17-19 ms; this 10-12). Scores and probabilities are
+    bf16, as in eager bf16 attention; the softmax computes in fp32. Backward recomputes them
+    rather than keeping them, so it keeps what SDPA keeps: q, k, v and the output (which
+    o_proj keeps anyway)."""
+
+    block = 128  # query positions per block: 64 ran no faster at T=256, 256 (none) 20% slower
 
     @staticmethod
-    def _probabilities(q_grouped, keys, T):
-        """(B*nkv, group*T, T) softmax of the causally masked, scaled scores, in bf16."""
-        group = q_grouped.shape[1] // T
-        masked = torch.full((T, T), float("-inf"), dtype=q_grouped.dtype, device=q_grouped.device)
-        bias = masked.triu_(1).repeat(group, 1)  # -inf above the diagonal, for each head
-        scores = torch.baddbmm(bias, q_grouped, keys.transpose(1, 2), alpha=q_grouped.shape[-1] ** -0.5)
+    def _causal_bias(T: int, group: int, device: torch.device) -> torch.Tensor:
+        """(T * group, T): 0 where row (position t, head) may see key s <= t, else -inf."""
+        bias = torch.full((T, T), float("-inf"), dtype=torch.bfloat16, device=device).triu_(1)
+        return bias.repeat_interleave(group, dim=0)
+
+    @staticmethod
+    def _probabilities(q_rows, keys, bias, t0, t1):
+        """Softmax of the scaled, masked scores of positions [t0, t1) (the rows of all their
+        heads) against keys [0, t1): (B*nkv, (t1 - t0) * group, t1), in bf16."""
+        group = bias.shape[0] // bias.shape[1]
+        rows = slice(t0 * group, t1 * group)
+        scale = q_rows.shape[-1] ** -0.5
+        scores = torch.baddbmm(bias[rows, :t1], q_rows[:, rows], keys[:, :t1].transpose(1, 2), alpha=scale)
         return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
     @staticmethod
     def forward(ctx, q, k, v):
         B, nh, T, hd = q.shape
         nkv = k.shape[1]
+        group = nh // nkv
         with torch.autocast("cpu", enabled=False):
-            # bf16, head-major (one copy each): the query heads of a kv head stacked in rows
             dense = dict(dtype=torch.bfloat16, copy=True, memory_format=torch.contiguous_format)
-            q_grouped = q.to(**dense).view(B * nkv, nh // nkv * T, hd)
+            # one copy each: (B, nkv, T, group, hd), a kv head's query rows in (position, head) order
+            q_rows = q.view(B, nkv, group, T, hd).transpose(2, 3).to(**dense).view(B * nkv, T * group, hd)
             keys, values = k.to(**dense).view(B * nkv, T, hd), v.to(**dense).view(B * nkv, T, hd)
-            probs = _CPUCausalAttention._probabilities(q_grouped, keys, T)
-            out = torch.bmm(probs, values)  # (B*nkv, group*T, hd) = (B, nh, T, hd)
-            out = out.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
-        ctx.save_for_backward(q_grouped, keys, values, out)
+            bias = _CPUCausalAttention._causal_bias(T, group, q.device)
+            blocks = []
+            for t0 in range(0, T, _CPUCausalAttention.block):
+                t1 = min(t0 + _CPUCausalAttention.block, T)
+                probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
+                blocks.append(torch.bmm(probs, values[:, :t1]))
+            # (B, nkv, T, group, hd) -> (B, T, nkv, group, hd) = (B, T, nh * hd)
+            out = torch.cat(blocks, dim=1).view(B, nkv, T, group * hd).transpose(1, 2).reshape(B, T, nh * hd)
+        ctx.save_for_backward(q_rows, keys, values, out)
         ctx.input_dtypes = q.dtype, k.dtype, v.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_grouped, keys, values, out = ctx.saved_tensors
+        q_rows, keys, values, out = ctx.saved_tensors
         B, T = out.shape[:2]
         nkv, hd = keys.shape[0] // B, keys.shape[-1]
         nh = out.shape[-1] // hd
+        group = nh // nkv
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(out.dtype)
-            probs = _CPUCausalAttention._probabilities(q_grouped, keys, T)
-            # (B, T, nh, hd) -> (B*nkv, group*T, hd), the layout of the stacked heads
-            grad_grouped = grad_out.view(B, T, nh, hd).transpose(1, 2).reshape(B * nkv, nh // nkv * T, hd)
-            grad_v = torch.bmm(probs.transpose(1, 2), grad_grouped)
+            grad_rows = grad_out.view(B, T, nkv, group * hd).transpose(1, 2).reshape(B * nkv, T * group, hd)
             # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums in fp32
-            rowsum = (grad_out.float() * out.float()).view(B, T, nh, hd).sum(-1)
-            rowsum = rowsum.transpose(1, 2).reshape(B * nkv, nh // nkv * T, 1).to(probs.dtype)
-            grad_scores = torch.bmm(grad_grouped, values.transpose(1, 2)).sub_(rowsum).mul_(probs)
-            del probs
+            rowsum = (grad_out.float() * out.float()).view(B, T, nkv, group, hd).sum(-1)
+            rowsum = rowsum.transpose(1, 2).reshape(B * nkv, T * group, 1).to(out.dtype)
+            bias = _CPUCausalAttention._causal_bias(T, group, out.device)
+            grad_q_blocks = []
+            # keys and values collect a gradient from every block: summed in fp32
+            grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+            grad_v = torch.zeros_like(grad_k)
+            for t0 in range(0, T, _CPUCausalAttention.block):
+                t1 = min(t0 + _CPUCausalAttention.block, T)
+                rows = slice(t0 * group, t1 * group)
+                probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
+                grad_v[:, :t1] += torch.bmm(probs.transpose(1, 2), grad_rows[:, rows])
+                grad_scores = torch.bmm(grad_rows[:, rows], values[:, :t1].transpose(1, 2))
+                grad_scores.sub_(rowsum[:, rows]).mul_(probs)
+                del probs
+                grad_q_blocks.append(torch.bmm(grad_scores, keys[:, :t1]))
+                grad_k[:, :t1] += torch.bmm(grad_scores.transpose(1, 2), q_rows[:, rows])
             scale = hd**-0.5
-            grad_q = torch.bmm(grad_scores, keys).mul_(scale).view(B, nh, T, hd)
-            grad_k = torch.bmm(grad_scores.transpose(1, 2), q_grouped).mul_(scale).view(B, nkv, T, hd)
+            grad_q = torch.cat(grad_q_blocks, dim=1).view(B, nkv, T, group, hd).transpose(2, 3)
+            grad_q = grad_q.reshape(B, nh, T, hd).mul_(scale)
+            grad_k = grad_k.mul_(scale).view(B, nkv, T, hd)
         dtype_q, dtype_k, dtype_v = ctx.input_dtypes
         return grad_q.to(dtype_q), grad_k.to(dtype_k), grad_v.view(B, nkv, T, hd).to(dtype_v)
 
