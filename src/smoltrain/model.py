@@ -344,7 +344,9 @@ class _CPUCausalAttention(torch.autograd.Function):
         group = nh // nkv
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(out.dtype)
-            grad_rows = grad_out.view(B, T, nkv, group * hd).transpose(1, 2).reshape(B * nkv, T * group, hd)
+            grad_rows = (
+                grad_out.reshape(B, T, nkv, group * hd).transpose(1, 2).reshape(B * nkv, T * group, hd)
+            )
             # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums in fp32
             rowsum = (grad_out.float() * out.float()).view(B, T, nkv, group, hd).sum(-1)
             rowsum = rowsum.transpose(1, 2).reshape(B * nkv, T * group, 1).to(out.dtype)
