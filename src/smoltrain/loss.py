@@ -32,7 +32,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ w.T).float()  # (n, V)
             # softmax is one fused pass; it is also d(sum of losses)/d(logits) once the
             # target's 1 is subtracted, so the loss comes from it too: -log p(target).
-            probs = _softmax_in_place(logits)
+            probs = softmax_in_place(logits)
             del logits
             rows = torch.arange(len(y), device=y.device)
             p_target = probs[rows, y_safe]
@@ -101,9 +101,10 @@ def _graph_is_kept() -> bool:
     return True if query is None else bool(query())
 
 
-def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension written into `logits`' own buffer: one (n, V) buffer
-    at the loss's peak instead of two (135M: 96 MB), and no fresh buffer to fault in. The
+    at the loss's peak instead of two (135M: 96 MB), and no fresh buffer to fault in (the
+    CPU attention's scores use it too). The
     kernel is the same as torch.softmax's, so are the values. torch.compile gets the
     out-of-place op: it plans the buffers itself, and breaks gradients on this aliasing."""
     if torch.compiler.is_compiling():
