@@ -14,7 +14,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
 # them from merging: at a 135M step's peak the heap held ~350 such holes, 0.7-1.1 GB that
 # the loss's 100 MB blocks could not use. With the cache off, peak RSS fell 3,998 -> 3,603 MB
 # (fp32) and 3,547 -> 3,166 MB (bf16 autocast) at the same speed (bench.worker, A/B).
-LEAN_MALLOC_TUNABLE = "glibc.malloc.tcache_count=0"
+_TCACHE_COUNT = "glibc.malloc.tcache_count"
+LEAN_MALLOC_TUNABLE = f"{_TCACHE_COUNT}=0"
 _RELAUNCHED = "SMOLTRAIN_RELAUNCHED"
 
 
@@ -39,7 +40,7 @@ def lean_malloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
     GLIBC_TUNABLES, keeping any tunables already there."""
     env = dict(os.environ if env is None else env)
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith("glibc.malloc.tcache_count=") for t in tunables):
+    if not any(t.startswith(f"{_TCACHE_COUNT}=") for t in tunables):
         tunables.append(LEAN_MALLOC_TUNABLE)
     env["GLIBC_TUNABLES"] = ":".join(tunables)
     return env
