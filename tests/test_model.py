@@ -6,7 +6,7 @@ from transformers import LlamaForCausalLM, MistralForCausalLM
 from smoltrain.config import get_preset
 from smoltrain.hf import from_hf_key, hf_state_dict
 from smoltrain.loss import chunked_linear_cross_entropy
-from smoltrain.model import CustomLLM, _CPUCausalAttention, project
+from smoltrain.model import CustomLLM, RotaryEmbedding, _CPUCausalAttention, apply_rotary, project
 
 from .conftest import micro_config
 
@@ -340,35 +340,42 @@ def test_projections_joined_under_bf16_autocast():
 
 @pytest.mark.parametrize("block", [128, 20])  # one block; three, the last one shorter
 def test_cpu_causal_attention_matches_sdpa_in_bf16(block, monkeypatch):
-    """The bf16 CPU training attention (batched matmuls) is as close to an fp64 reference as
-    SDPA's own bf16 kernel, forward and backward, and keeps no (T x T) tensor for backward."""
+    """The bf16 CPU training attention (rotary, then batched matmuls) is as close to an fp64
+    reference as rotary + SDPA's own bf16 kernel, forward and backward, and keeps no
+    (T x T) tensor for backward."""
     monkeypatch.setattr(_CPUCausalAttention, "block", block)
     torch.manual_seed(0)
     B, T, nh, nkv, hd = 2, 48, 6, 2, 16
-    q = torch.randn(B, T, nh, hd).transpose(1, 2)  # laid out as the model's are
-    k = torch.randn(B, T, nkv, hd).transpose(1, 2)
-    v = torch.randn(B, T, nkv, hd).transpose(1, 2)
+    q = torch.randn(B, T, nh * hd)  # laid out as the projections leave them
+    k = torch.randn(B, T, nkv * hd)
+    v = torch.randn(B, T, nkv * hd)
+    cos, sin = RotaryEmbedding(hd, T, 10000.0)(torch.arange(T)[None].expand(B, T), torch.float64)
     grad = torch.randn(B, T, nh * hd)
 
     def run(fn, dtype):
         inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        out = fn(*inputs)
+        out = fn(*inputs, cos.to(dtype), sin.to(dtype))
         out.backward(grad.to(dtype))
         return [out.double(), *(t.grad.double() for t in inputs)]
 
-    def sdpa(q, k, v):
+    def ours(q, k, v, cos, sin):
+        return _CPUCausalAttention.apply(q, k, v, cos[:, 0], sin[:, 0], nh)
+
+    def sdpa(q, k, v, cos, sin):
+        q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return y.transpose(1, 2).reshape(B, T, nh * hd)
 
     reference = run(sdpa, torch.float64)
-    ours = run(_CPUCausalAttention.apply, torch.bfloat16)
+    mine = run(ours, torch.bfloat16)
     theirs = run(sdpa, torch.bfloat16)
-    for name, r, a, b in zip(["out", "dq", "dk", "dv"], reference, ours, theirs, strict=True):
+    for name, r, a, b in zip(["out", "dq", "dk", "dv"], reference, mine, theirs, strict=True):
         error_ours, error_theirs = (a - r).abs().max(), (b - r).abs().max()
         assert error_ours <= 2 * error_theirs + 1e-3, (name, error_ours, error_theirs)
 
     saved = []
     inputs = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        _CPUCausalAttention.apply(*inputs)
+        ours(*inputs, cos.to(torch.bfloat16), sin.to(torch.bfloat16))
     assert saved and max(saved) <= B * nh * T * hd  # q, k, v and the output, never the scores

@@ -7,6 +7,7 @@ in `smoltrain.hf`, generation in `smoltrain.generate`, the chunked loss in `smol
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,6 +250,9 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        if cache is None and mask is None and _bf16_cpu_training(q):
+            # rotary, attention and the head layout in one function, forward and backward
+            return self.o_proj(_CPUCausalAttention.apply(q, k, v, cos[:, 0], sin[:, 0], self.n_heads))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -260,8 +264,6 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, 1, -1))
         # A mask disables the fast causal kernel, so pass one only when it says something.
         is_causal = mask is None and k.shape[2] == T
-        if is_causal and _bf16_cpu_training(q):
-            return self.o_proj(_CPUCausalAttention.apply(q, k, v))
         # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads inside the
         # kernel, so no repeated copy of k and v is made (or kept for backward).
         y = F.scaled_dot_product_attention(
@@ -282,18 +284,43 @@ def _bf16_cpu_training(q: torch.Tensor) -> bool:
     return (torch.get_autocast_dtype("cpu") if autocast else q.dtype) == torch.bfloat16
 
 
-class _CPUCausalAttention(torch.autograd.Function):
-    """Causal grouped-query attention for bf16 training on CPU, as batched matmuls.
+def _rotate_into(
+    out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False
+):
+    """out = apply_rotary(x, cos, sin) written into `out` (any layout) in three passes, or
+    with transpose=True the transposed rotation, which carries a gradient back through it."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    # forward: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2; transposed: g1 c1 + g2 s2, g2 c2 - g1 s1
+    out[..., :half].addcmul_(
+        x[..., half:], sin[..., half:] if transpose else sin[..., :half], value=1 if transpose else -1
+    )
+    out[..., half:].addcmul_(
+        x[..., :half], sin[..., :half] if transpose else sin[..., half:], value=-1 if transpose else 1
+    )
+    return out
 
-    q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, T, nh * hd), ready for o_proj. The query
-    heads that share a key/value head are interleaved into one matrix of (position, head)
-    rows, so each product is one matmul per key/value head, and the rows go in blocks of
-    `block` positions, each block against only the keys it can see (3/4 of the full square
-    at T=256). CPU's bf16 flash kernel runs its small blocks far below the matmul rate (135M,
-    4 x 256, a layer forward + backward: 17-19 ms; this 10-12). Scores and probabilities are
-    bf16, as in eager bf16 attention; the softmax computes in fp32. Backward recomputes them
-    rather than keeping them, so it keeps what SDPA keeps: q, k, v and the output (which
-    o_proj keeps anyway)."""
+
+@functools.lru_cache(maxsize=8)
+def _causal_bias(T: int, group: int) -> torch.Tensor:
+    """(T * group, T) on CPU: 0 where row (position t, head) may see key s <= t, else -inf."""
+    bias = torch.full((T, T), float("-inf"), dtype=torch.bfloat16).triu_(1)
+    return bias.repeat_interleave(group, dim=0)
+
+
+class _CPUCausalAttention(torch.autograd.Function):
+    """Rotary and causal grouped-query attention for bf16 training on CPU, as batched matmuls.
+
+    q (B, T, nh * hd), k and v (B, T, nkv * hd) as the projections leave them, cos and sin
+    (B, T, hd) -> (B, T, nh * hd), ready for o_proj. The query heads that share a key/value
+    head are interleaved into one matrix of (position, head) rows, rotated on the way in
+    (the copy that layout needs anyway), so each product is one matmul per key/value head;
+    the rows go in blocks of `block` positions, each block against only the keys it can see
+    (3/4 of the full square at T=256). CPU's bf16 flash kernel runs its small blocks far
+    below the matmul rate (135M, 4 x 256, a layer forward + backward: 17-19 ms; this 10-12).
+    Scores and probabilities are bf16, as in eager bf16 attention; the softmax computes in
+    fp32. Backward recomputes them rather than keeping them, so it keeps what SDPA keeps:
+    q, k, v (rotated) and the output (which o_proj keeps anyway)."""
 
     block = 128  # query positions per block: 64 ran no faster at T=256, 256 (none) 20% slower
 
@@ -302,12 +329,6 @@ class _CPUCausalAttention(torch.autograd.Function):
         """The [t0, t1) position ranges of the query blocks."""
         step = _CPUCausalAttention.block
         return [(t0, min(t0 + step, T)) for t0 in range(0, T, step)]
-
-    @staticmethod
-    def _causal_bias(T: int, group: int, device: torch.device) -> torch.Tensor:
-        """(T * group, T): 0 where row (position t, head) may see key s <= t, else -inf."""
-        bias = torch.full((T, T), float("-inf"), dtype=torch.bfloat16, device=device).triu_(1)
-        return bias.repeat_interleave(group, dim=0)
 
     @staticmethod
     def _probabilities(q_rows, keys, bias, t0, t1):
@@ -320,29 +341,46 @@ class _CPUCausalAttention(torch.autograd.Function):
         return softmax_in_place(scores)
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        B, nh, T, hd = q.shape
-        nkv = k.shape[1]
-        group = nh // nkv
+    def forward(ctx, q, k, v, cos, sin, n_heads):
+        B, T = q.shape[:2]
+        hd = cos.shape[-1]
+        nkv = k.shape[-1] // hd
+        group = n_heads // nkv
+        dtype = torch.bfloat16
         with torch.autocast("cpu", enabled=False):
-            dense = dict(dtype=torch.bfloat16, copy=True, memory_format=torch.contiguous_format)
-            # one copy each: (B, nkv, T, group, hd), a kv head's query rows in (position, head) order
-            q_rows = q.view(B, nkv, group, T, hd).transpose(2, 3).to(**dense).view(B * nkv, T * group, hd)
-            keys, values = k.to(**dense).view(B * nkv, T, hd), v.to(**dense).view(B * nkv, T, hd)
-            bias = _CPUCausalAttention._causal_bias(T, group, q.device)
+            cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, hd)
+            # a kv head's query rows in (position, head) order: (B, nkv, T, group, hd)
+            q_heads = q.view(B, T, nkv, group, hd).transpose(1, 2)
+            q_rows = torch.empty(B, nkv, T, group, hd, dtype=dtype, device=q.device)
+            _rotate_into(q_rows, q_heads, cos[..., None, :], sin[..., None, :])
+            q_rows = q_rows.view(B * nkv, T * group, hd)
+            keys = torch.empty(B, nkv, T, hd, dtype=dtype, device=k.device)
+            keys = _rotate_into(keys, k.view(B, T, nkv, hd).transpose(1, 2), cos, sin).view(B * nkv, T, hd)
+            values = (
+                v.view(B, T, nkv, hd)
+                .transpose(1, 2)
+                .to(dtype, copy=True, memory_format=torch.contiguous_format)
+            )
+            values = values.view(B * nkv, T, hd)
+            bias = _causal_bias(T, group)
             blocks = []
             for t0, t1 in _CPUCausalAttention._blocks(T):
                 probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
                 blocks.append(torch.bmm(probs, values[:, :t1]))
             # (B, nkv, T, group, hd) -> (B, T, nkv, group, hd) = (B, T, nh * hd)
-            out = torch.cat(blocks, dim=1).view(B, nkv, T, group * hd).transpose(1, 2).reshape(B, T, nh * hd)
-        ctx.save_for_backward(q_rows, keys, values, out)
+            out = (
+                torch.cat(blocks, dim=1)
+                .view(B, nkv, T, group * hd)
+                .transpose(1, 2)
+                .reshape(B, T, n_heads * hd)
+            )
+        ctx.save_for_backward(q_rows, keys, values, out, cos, sin)
         ctx.input_dtypes = q.dtype, k.dtype, v.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_rows, keys, values, out = ctx.saved_tensors
+        q_rows, keys, values, out, cos, sin = ctx.saved_tensors
         B, T = out.shape[:2]
         nkv, hd = keys.shape[0] // B, keys.shape[-1]
         nh = out.shape[-1] // hd
@@ -352,10 +390,11 @@ class _CPUCausalAttention(torch.autograd.Function):
             grad_rows = (
                 grad_out.reshape(B, T, nkv, group * hd).transpose(1, 2).reshape(B * nkv, T * group, hd)
             )
-            # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums in fp32
-            rowsum = (grad_out.float() * out.float()).view(B, T, nkv, group, hd).sum(-1)
+            # softmax backward: dS = P * (dP - rowsum(dO * O)); the products are bf16 and
+            # their sums fp32, rounded to bf16 as dP is
+            rowsum = (grad_out * out).view(B, T, nkv, group, hd).sum(-1, dtype=torch.float32)
             rowsum = rowsum.transpose(1, 2).reshape(B * nkv, T * group, 1).to(out.dtype)
-            bias = _CPUCausalAttention._causal_bias(T, group, out.device)
+            bias = _causal_bias(T, group)
             grad_q_blocks = []
             # keys and values collect a gradient from every block: summed in fp32
             grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
@@ -369,12 +408,27 @@ class _CPUCausalAttention(torch.autograd.Function):
                 del probs
                 grad_q_blocks.append(torch.bmm(grad_scores, keys[:, :t1]))
                 grad_k[:, :t1] += torch.bmm(grad_scores.transpose(1, 2), q_rows[:, rows])
+            # the scores' scale and the rotary, both transposed, in one pass each
             scale = hd**-0.5
-            grad_q = torch.cat(grad_q_blocks, dim=1).view(B, nkv, T, group, hd).transpose(2, 3)
-            grad_q = grad_q.reshape(B, nh, T, hd).mul_(scale)
-            grad_k = grad_k.mul_(scale).view(B, nkv, T, hd)
-        dtype_q, dtype_k, dtype_v = ctx.input_dtypes
-        return grad_q.to(dtype_q), grad_k.to(dtype_k), grad_v.view(B, nkv, T, hd).to(dtype_v)
+            cos, sin = cos * scale, sin * scale
+            dtype_q, dtype_k, dtype_v = ctx.input_dtypes
+            grad_q = torch.empty(B, T, nkv, group, hd, dtype=dtype_q, device=out.device)
+            grad_q_rows = torch.cat(grad_q_blocks, dim=1).view(B, nkv, T, group, hd)
+            _rotate_into(
+                grad_q.transpose(1, 2), grad_q_rows, cos[..., None, :], sin[..., None, :], transpose=True
+            )
+            grad_k_heads = torch.empty(B, T, nkv, hd, dtype=dtype_k, device=out.device)
+            _rotate_into(grad_k_heads.transpose(1, 2), grad_k.view(B, nkv, T, hd), cos, sin, transpose=True)
+            grad_v_heads = torch.empty(B, T, nkv, hd, dtype=dtype_v, device=out.device)
+            grad_v_heads.transpose(1, 2).copy_(grad_v.view(B, nkv, T, hd))
+        return (
+            grad_q.view(B, T, -1),
+            grad_k_heads.view(B, T, -1),
+            grad_v_heads.view(B, T, -1),
+            None,
+            None,
+            None,
+        )
 
 
 def _one_query_attention(
