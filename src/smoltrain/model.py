@@ -319,8 +319,8 @@ class _CPUCausalAttention(torch.autograd.Function):
     (3/4 of the full square at T=256). CPU's bf16 flash kernel runs its small blocks far
     below the matmul rate (135M, 4 x 256, a layer forward + backward: 17-19 ms; this 10-12).
     Scores and probabilities are bf16, as in eager bf16 attention; the softmax computes in
-    fp32. Backward recomputes them rather than keeping them, so it keeps what SDPA keeps:
-    q, k, v (rotated) and the output (which o_proj keeps anyway)."""
+    fp32. Backward recomputes them rather than keeping them, so it keeps q, k and v
+    (rotated), less than SDPA, which also keeps its output."""
 
     block = 128  # query positions per block: 64 ran no faster at T=256, 256 (none) 20% slower
 
@@ -374,26 +374,22 @@ class _CPUCausalAttention(torch.autograd.Function):
                 .transpose(1, 2)
                 .reshape(B, T, n_heads * hd)
             )
-        ctx.save_for_backward(q_rows, keys, values, out, cos, sin)
+        ctx.save_for_backward(q_rows, keys, values, cos, sin)
         ctx.input_dtypes = q.dtype, k.dtype, v.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_rows, keys, values, out, cos, sin = ctx.saved_tensors
-        B, T = out.shape[:2]
+        q_rows, keys, values, cos, sin = ctx.saved_tensors
+        B, T = grad_out.shape[:2]
         nkv, hd = keys.shape[0] // B, keys.shape[-1]
-        nh = out.shape[-1] // hd
+        nh = grad_out.shape[-1] // hd
         group = nh // nkv
         with torch.autocast("cpu", enabled=False):
-            grad_out = grad_out.to(out.dtype)
+            grad_out = grad_out.to(values.dtype)
             grad_rows = (
                 grad_out.reshape(B, T, nkv, group * hd).transpose(1, 2).reshape(B * nkv, T * group, hd)
             )
-            # softmax backward: dS = P * (dP - rowsum(dO * O)); the products are bf16 and
-            # their sums fp32, rounded to bf16 as dP is
-            rowsum = (grad_out * out).view(B, T, nkv, group, hd).sum(-1, dtype=torch.float32)
-            rowsum = rowsum.transpose(1, 2).reshape(B * nkv, T * group, 1).to(out.dtype)
             bias = _causal_bias(T, group)
             grad_q_blocks = []
             # keys and values collect a gradient from every block: summed in fp32
@@ -403,23 +399,25 @@ class _CPUCausalAttention(torch.autograd.Function):
                 rows = slice(t0 * group, t1 * group)
                 probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
                 grad_v[:, :t1] += torch.bmm(probs.transpose(1, 2), grad_rows[:, rows])
-                grad_scores = torch.bmm(grad_rows[:, rows], values[:, :t1].transpose(1, 2))
-                grad_scores.sub_(rowsum[:, rows]).mul_(probs)
-                del probs
+                # dS = P * (dP - rowsum(P * dP)): a block's rows hold every key they see, so
+                # softmax's own backward kernel (fp32 row sums) applies as it is
+                grad_probs = torch.bmm(grad_rows[:, rows], values[:, :t1].transpose(1, 2))
+                grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+                del probs, grad_probs
                 grad_q_blocks.append(torch.bmm(grad_scores, keys[:, :t1]))
                 grad_k[:, :t1] += torch.bmm(grad_scores.transpose(1, 2), q_rows[:, rows])
             # the scores' scale and the rotary, both transposed, in one pass each
             scale = hd**-0.5
             cos, sin = cos * scale, sin * scale
             dtype_q, dtype_k, dtype_v = ctx.input_dtypes
-            grad_q = torch.empty(B, T, nkv, group, hd, dtype=dtype_q, device=out.device)
+            grad_q = torch.empty(B, T, nkv, group, hd, dtype=dtype_q, device=keys.device)
             grad_q_rows = torch.cat(grad_q_blocks, dim=1).view(B, nkv, T, group, hd)
             _rotate_into(
                 grad_q.transpose(1, 2), grad_q_rows, cos[..., None, :], sin[..., None, :], transpose=True
             )
-            grad_k_heads = torch.empty(B, T, nkv, hd, dtype=dtype_k, device=out.device)
+            grad_k_heads = torch.empty(B, T, nkv, hd, dtype=dtype_k, device=keys.device)
             _rotate_into(grad_k_heads.transpose(1, 2), grad_k.view(B, nkv, T, hd), cos, sin, transpose=True)
-            grad_v_heads = torch.empty(B, T, nkv, hd, dtype=dtype_v, device=out.device)
+            grad_v_heads = torch.empty(B, T, nkv, hd, dtype=dtype_v, device=keys.device)
             grad_v_heads.transpose(1, 2).copy_(grad_v.view(B, nkv, T, hd))
         return (
             grad_q.view(B, T, -1),
