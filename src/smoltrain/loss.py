@@ -19,15 +19,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype):
         # hidden (N, H), weight (V, H), labels (N,)
         need_grad_hidden, need_grad_weight = ctx.needs_input_grad[:2]
-        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        valid_all = labels != IGNORE_INDEX
+        n_valid = valid_all.sum().clamp(min=1)
+        # Each token's gradient is scaled by 1 / n_valid (the mean) and zeroed where ignored;
+        # both are folded into a per-token factor on the (n, H) side, so neither costs a pass
+        # over the (V, H) or (n, V) buffers.
+        token_scale = (valid_all / n_valid).to(compute_dtype)[:, None]  # (N, 1)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-        grad_weight = None  # fp32, written by the first chunk's matmul (no zero-filled pass)
+        # the head's gradient, summed over chunks in the compute dtype inside the matmuls
+        # (addmm); cast to the weight's dtype once, in backward
+        grad_weight = None
         w = weight.to(compute_dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].to(compute_dtype)  # (n, H)
             y = labels[start : start + chunk_size]  # (n,)
-            valid = y != IGNORE_INDEX
+            valid = valid_all[start : start + chunk_size]
             y_safe = torch.where(valid, y, 0)
             logits = (h @ w.T).float()  # (n, V)
             # softmax is one fused pass; it is also d(sum of losses)/d(logits) once the
@@ -52,28 +59,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             del probs
             grad[rows, y_safe] -= 1.0
             grad = grad.to(compute_dtype)
-            # Ignored positions pass no gradient. Their rows of `grad` are left as they are
-            # and masked on the (n, H) side instead: zeroing them in the (n, V) buffer was a
-            # full pass over it (20 ms of a 3.5 s 135M bf16 step).
-            keep = valid[:, None].to(compute_dtype)
+            # Ignored positions pass no gradient: their rows of `grad` are left as they are
+            # and scaled by 0 on the (n, H) side (zeroing them in the (n, V) buffer was a
+            # full pass over it, 20 ms of a 3.5 s 135M bf16 step).
+            scale = token_scale[start : start + chunk_size]
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_size] = ((grad @ w) * keep).to(hidden.dtype)
+                grad_hidden[start : start + chunk_size] = ((grad @ w) * scale).to(hidden.dtype)
             if need_grad_weight:
-                h = h * keep
+                h = h * scale
                 if grad_weight is None:
-                    grad_weight = (grad.T @ h).float()
-                elif grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)  # accumulate inside the matmul: no (V x H) temporary
+                    grad_weight = grad.T @ h
                 else:
-                    grad_weight += grad.T @ h  # cast while adding: no fp32 copy
+                    grad_weight.addmm_(grad.T, h)  # accumulate inside the matmul: no (V x H) temporary
             del grad  # before the next chunk's logits: one (n, V) buffer less at the peak
         if need_grad_weight and grad_weight is None:  # no tokens at all
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        # in place: a (V x H) copy here would be the step's memory peak
-        ctx.save_for_backward(
-            grad_hidden.div_(n_valid) if grad_hidden is not None else None,
-            grad_weight.div_(n_valid) if grad_weight is not None else None,
-        )
+            grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
 
@@ -82,15 +83,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         # Scaled in place unless the graph is kept for another backward: a copy of the
         # (V x H) buffer here, with every activation still alive, raised the step's peak by
-        # 113 MB (135M fp32).
+        # 113 MB (135M fp32). A plain backward passes 1.0, which needs no pass at all.
         in_place = not _graph_is_kept()
-        if grad_hidden is not None:
+        unit = _is_one(grad_output)
+        if grad_hidden is not None and not unit:
             scale = grad_output.to(grad_hidden.dtype)
             grad_hidden = grad_hidden.mul_(scale) if in_place else grad_hidden * scale
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_output) if in_place else grad_weight * grad_output
-            grad_weight = grad_weight.to(ctx.weight_dtype)
+            if grad_weight.dtype != ctx.weight_dtype:
+                grad_weight = grad_weight.to(ctx.weight_dtype)  # a fresh buffer: scaled in place
+                in_place = True
+            if not unit:
+                grad_weight = grad_weight.mul_(grad_output) if in_place else grad_weight * grad_output
         return grad_hidden, grad_weight, None, None, None
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    """Whether the scalar `t` is exactly 1, asked only on CPU: elsewhere the answer would
+    wait for the device, so the caller multiplies anyway."""
+    return t.device.type == "cpu" and t.numel() == 1 and t.item() == 1.0
 
 
 def _graph_is_kept() -> bool:
