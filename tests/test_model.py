@@ -341,8 +341,9 @@ def test_projections_joined_under_bf16_autocast():
 @pytest.mark.parametrize("block", [128, 20])  # one block; three, the last one shorter
 def test_cpu_causal_attention_matches_sdpa_in_bf16(block, monkeypatch):
     """The bf16 CPU training attention (rotary, then batched matmuls) is as close to an fp64
-    reference as rotary + SDPA's own bf16 kernel, forward and backward, and keeps no
-    (T x T) tensor for backward."""
+    reference as rotary + SDPA's own bf16 kernel, forward and backward; past the context
+    up to which it keeps its probabilities it keeps no (T x T) tensor and recomputes the
+    very same gradients."""
     monkeypatch.setattr(_CPUCausalAttention, "block", block)
     torch.manual_seed(0)
     B, T, nh, nkv, hd = 2, 48, 6, 2, 16
@@ -374,8 +375,16 @@ def test_cpu_causal_attention_matches_sdpa_in_bf16(block, monkeypatch):
         error_ours, error_theirs = (a - r).abs().max(), (b - r).abs().max()
         assert error_ours <= 2 * error_theirs + 1e-3, (name, error_ours, error_theirs)
 
-    saved = []
-    inputs = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        ours(*inputs, cos.to(torch.bfloat16), sin.to(torch.bfloat16))
-    assert saved and max(saved) <= B * nh * T * hd  # q, k, v and the output, never the scores
+    def saved_sizes():
+        saved = []
+        inputs = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            ours(*inputs, cos.to(torch.bfloat16), sin.to(torch.bfloat16))
+        return saved
+
+    assert max(saved_sizes()) > B * nh * T * hd  # at T=48 the probabilities are kept
+    monkeypatch.setattr(_CPUCausalAttention, "keep_probabilities_up_to", T - 1)
+    assert max(saved_sizes()) <= B * nh * T * hd  # past it: q, k, v, never the scores
+    recomputed = run(ours, torch.bfloat16)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], mine, recomputed, strict=True):
+        assert torch.equal(a, b), name

@@ -319,10 +319,13 @@ class _CPUCausalAttention(torch.autograd.Function):
     (3/4 of the full square at T=256). CPU's bf16 flash kernel runs its small blocks far
     below the matmul rate (135M, 4 x 256, a layer forward + backward: 17-19 ms; this 10-12).
     Scores and probabilities are bf16, as in eager bf16 attention; the softmax computes in
-    fp32. Backward recomputes them rather than keeping them, so it keeps q, k and v
-    (rotated), less than SDPA, which also keeps its output."""
+    fp32. Backward keeps q, k and v (rotated) and, at short contexts, the probabilities;
+    past `keep_probabilities_up_to` it recomputes them, as flash attention does."""
 
     block = 128  # query positions per block: 64 ran no faster at T=256, 256 (none) 20% slower
+    # Up to this context the probabilities are kept for backward instead of recomputed
+    # (135M at T=256: +106 MB, +1.5% speed); they grow with T^2, the other activations with T.
+    keep_probabilities_up_to = 512
 
     @staticmethod
     def _blocks(T: int) -> list[tuple[int, int]]:
@@ -363,10 +366,13 @@ class _CPUCausalAttention(torch.autograd.Function):
             )
             values = values.view(B * nkv, T, hd)
             bias = _causal_bias(T, group)
-            blocks = []
+            blocks, kept = [], []
+            keep = T <= _CPUCausalAttention.keep_probabilities_up_to
             for t0, t1 in _CPUCausalAttention._blocks(T):
                 probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
                 blocks.append(torch.bmm(probs, values[:, :t1]))
+                if keep:
+                    kept.append(probs)
             # (B, nkv, T, group, hd) -> (B, T, nkv, group, hd) = (B, T, nh * hd)
             out = (
                 torch.cat(blocks, dim=1)
@@ -374,13 +380,13 @@ class _CPUCausalAttention(torch.autograd.Function):
                 .transpose(1, 2)
                 .reshape(B, T, n_heads * hd)
             )
-        ctx.save_for_backward(q_rows, keys, values, cos, sin)
+        ctx.save_for_backward(q_rows, keys, values, cos, sin, *kept)
         ctx.input_dtypes = q.dtype, k.dtype, v.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_rows, keys, values, cos, sin = ctx.saved_tensors
+        q_rows, keys, values, cos, sin, *kept = ctx.saved_tensors
         B, T = grad_out.shape[:2]
         nkv, hd = keys.shape[0] // B, keys.shape[-1]
         nh = grad_out.shape[-1] // hd
@@ -395,9 +401,9 @@ class _CPUCausalAttention(torch.autograd.Function):
             # keys and values collect a gradient from every block: summed in fp32
             grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
             grad_v = torch.zeros_like(grad_k)
-            for t0, t1 in _CPUCausalAttention._blocks(T):
+            for i, (t0, t1) in enumerate(_CPUCausalAttention._blocks(T)):
                 rows = slice(t0 * group, t1 * group)
-                probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
+                probs = kept[i] if kept else _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
                 grad_v[:, :t1] += torch.bmm(probs.transpose(1, 2), grad_rows[:, rows])
                 # dS = P * (dP - rowsum(P * dP)): a block's rows hold every key they see, so
                 # softmax's own backward kernel (fp32 row sums) applies as it is
