@@ -286,7 +286,7 @@ def _bf16_cpu_training(q: torch.Tensor) -> bool:
 
 def _rotate_into(
     out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False
-):
+) -> torch.Tensor:
     """out = apply_rotary(x, cos, sin) written into `out` (any layout) in three passes, or
     with transpose=True the transposed rotation, which carries a gradient back through it."""
     half = x.shape[-1] // 2
