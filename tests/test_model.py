@@ -260,13 +260,17 @@ def test_chunked_loss_exact_when_probabilities_underflow():
     assert torch.isfinite(chunked) and torch.allclose(plain, chunked)
 
 
-def test_chunked_loss_backward_twice_with_retained_graph():
-    # backward scales its saved gradients in place only when the graph is not kept
+@pytest.mark.parametrize("factor", [2.0, 1.0])  # 1.0: the saved gradients go out unscaled
+def test_chunked_loss_backward_twice_with_retained_graph(factor):
+    # backward scales or hands out its saved gradients only when the graph is not kept
     hidden, weight, labels = loss_inputs(50, ignore_every=7)
-    loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16) * 2
+    loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16) * factor
     first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    expected = [g.clone() for g in first]
+    for g in first:
+        g.zero_()  # the caller owns what it got
     second = torch.autograd.grad(loss, (hidden, weight))
-    for a, b in zip(first, second, strict=True):
+    for a, b in zip(expected, second, strict=True):
         assert torch.equal(a, b)
 
 

@@ -86,16 +86,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # 113 MB (135M fp32). A plain backward passes 1.0, which needs no pass at all.
         in_place = not _graph_is_kept()
         unit = _is_one(grad_output)
-        if grad_hidden is not None and not unit:
-            scale = grad_output.to(grad_hidden.dtype)
-            grad_hidden = grad_hidden.mul_(scale) if in_place else grad_hidden * scale
+        if grad_hidden is not None:
+            grad_hidden = _scaled(grad_hidden, grad_output, unit, in_place)
         if grad_weight is not None:
-            if grad_weight.dtype != ctx.weight_dtype:
-                grad_weight = grad_weight.to(ctx.weight_dtype)  # a fresh buffer: scaled in place
-                in_place = True
-            if not unit:
-                grad_weight = grad_weight.mul_(grad_output) if in_place else grad_weight * grad_output
+            fresh = grad_weight.dtype != ctx.weight_dtype
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+            grad_weight = _scaled(grad_weight, grad_output, unit, in_place or fresh)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, unit: bool, in_place: bool) -> torch.Tensor:
+    """grad * grad_output, in place when allowed. A saved gradient that a kept graph will
+    read again is never handed out itself: the caller may write into what it gets."""
+    if unit:
+        return grad if in_place else grad.clone()
+    scale = grad_output.to(grad.dtype)
+    return grad.mul_(scale) if in_place else grad * scale
 
 
 def _is_one(t: torch.Tensor) -> bool:
