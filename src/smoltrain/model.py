@@ -252,7 +252,7 @@ class Attention(nn.Module):
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         if cache is None and mask is None and _bf16_cpu_training(q):
             # rotary, attention and the head layout in one function, forward and backward
-            return self.o_proj(_CPUCausalAttention.apply(q, k, v, cos[:, 0], sin[:, 0], self.n_heads))
+            return self.o_proj(_CPUCausalAttention.apply(q, k, v, cos, sin, self.n_heads))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -312,15 +312,16 @@ class _CPUCausalAttention(torch.autograd.Function):
     """Rotary and causal grouped-query attention for bf16 training on CPU, as batched matmuls.
 
     q (B, T, nh * hd), k and v (B, T, nkv * hd) as the projections leave them, cos and sin
-    (B, T, hd) -> (B, T, nh * hd), ready for o_proj. The query heads that share a key/value
-    head are interleaved into one matrix of (position, head) rows, rotated on the way in
-    (the copy that layout needs anyway), so each product is one matmul per key/value head;
-    the rows go in blocks of `block` positions, each block against only the keys it can see
-    (3/4 of the full square at T=256). CPU's bf16 flash kernel runs its small blocks far
-    below the matmul rate (135M, 4 x 256, a layer forward + backward: 17-19 ms; this 10-12).
-    Scores and probabilities are bf16, as in eager bf16 attention; the softmax computes in
-    fp32. Backward keeps q, k and v (rotated) and, at short contexts, the probabilities;
-    past `keep_probabilities_up_to` it recomputes them, as flash attention does."""
+    (B, 1, T, hd) as `RotaryEmbedding` gives them -> (B, T, nh * hd), ready for o_proj. The
+    query heads that share a key/value head are interleaved into one matrix of (position,
+    head) rows, rotated on the way in (the copy that layout needs anyway), so each product
+    is one matmul per key/value head; the rows go in blocks of `block` positions, each block
+    against only the keys it can see (3/4 of the full square at T=256). CPU's bf16 flash
+    kernel runs its small blocks far below the matmul rate (135M, 4 x 256, a layer forward +
+    backward: 17-19 ms; this 10-12). Scores and probabilities are bf16, as in eager bf16
+    attention; the softmax computes in fp32. Backward keeps q, k and v (rotated) and, at
+    short contexts, the probabilities; past `keep_probabilities_up_to` it recomputes them,
+    as flash attention does."""
 
     block = 128  # query positions per block: 64 ran no faster at T=256, 256 (none) 20% slower
     # Up to this context the probabilities are kept for backward instead of recomputed
@@ -351,7 +352,7 @@ class _CPUCausalAttention(torch.autograd.Function):
         group = n_heads // nkv
         dtype = torch.bfloat16
         with torch.autocast("cpu", enabled=False):
-            cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, hd)
+            cos, sin = cos.to(dtype), sin.to(dtype)
             # a kv head's query rows in (position, head) order: (B, nkv, T, group, hd)
             q_heads = q.view(B, T, nkv, group, hd).transpose(1, 2)
             q_rows = torch.empty(B, nkv, T, group, hd, dtype=dtype, device=q.device)
