@@ -17,6 +17,7 @@ import torch
 from smoltrain.config import get_preset
 from smoltrain.device import measure_peak_flops, sync
 from smoltrain.hf import hf_state_dict
+from smoltrain.kernels import prepare_for_training
 from smoltrain.model import CustomLLM
 from smoltrain.perf import keep_freed_memory, relaunch_with_lean_malloc
 
@@ -62,6 +63,8 @@ def train(args) -> dict:
         keep_freed_memory()
     overrides = json.loads(args.overrides)
     model = build_pair_model(args.impl, args.preset, args.device, overrides).train()
+    if args.impl == "ours":
+        model = prepare_for_training(model, args.device, args.precision, args.kernels)
     if args.compile:
         model = torch.compile(model)  # compiles on the first step, timed as compile_s
     # ours: the fused AdamW smoltrain's trainer uses; theirs: PyTorch's default (foreach)
@@ -105,7 +108,7 @@ def train(args) -> dict:
 
 
 def generate(args) -> dict:
-    from smoltrain.hf import _gguf_as_hf_folder, bundled_gguf_path
+    from smoltrain.model_io import _gguf_as_hf_folder, bundled_gguf_path
     from smoltrain.tokenizer import load_tokenizer
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -115,7 +118,7 @@ def generate(args) -> dict:
     if args.impl == "ours":
         keep_freed_memory()
         from smoltrain.generate import prepare_for_generation
-        from smoltrain.hf import load_model
+        from smoltrain.model_io import load_model
 
         model = load_model(folder, dtype=dtype, device=args.device)
         params = model.num_parameters()  # before repacking; a tied weight counted once
@@ -178,6 +181,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--kernels", choices=["auto", "off"], default="auto", help="ours: train.kernels")
     parser.add_argument("--peak-n", type=int, default=2048, help="size of the matmul that measures the peak")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe")
     args = parser.parse_args()

@@ -40,7 +40,7 @@ def smollm2():
     """The bundled SmolLM2-135M-Instruct, ours and transformers' own GGUF loading of it."""
     from transformers import AutoModelForCausalLM
 
-    from smoltrain.hf import bundled_gguf_path, load_model
+    from smoltrain.model_io import bundled_gguf_path, load_model
 
     path = bundled_gguf_path()
     ours = load_model("smollm2")
@@ -53,3 +53,26 @@ def smollm2_tokenizer():
     from smoltrain.tokenizer import load_tokenizer
 
     return load_tokenizer("smollm2")
+
+
+@pytest.fixture
+def sdpa_calls():
+    """(kernel, is_causal, attn_mask) of every SDPA kernel dispatched to aten while the test
+    runs, forward and backward: which attention path a model takes, with which arguments."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class RecordSDPA(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "scaled_dot_product" in str(func):
+                schema = func._schema.arguments
+                named = {a.name: a.default_value if a.has_default_value() else None for a in schema}
+                named.update(zip((a.name for a in schema), args, strict=False))
+                named.update(kwargs)
+                calls.append((func.overloadpacket.__name__, named.get("is_causal"), named.get("attn_mask")))
+            return func(*args, **kwargs)
+
+    with RecordSDPA():
+        yield calls

@@ -16,8 +16,9 @@ from smoltrain.generate import (
     stream_generate,
     stream_text,
 )
-from smoltrain.hf import load_model, save_model
+from smoltrain.kernels.decode import PackedLLM, ReductionLinear, pack
 from smoltrain.model import CustomLLM
+from smoltrain.model_io import load_model, save_model
 
 from .conftest import micro_config
 from .test_model import to_transformers
@@ -61,7 +62,7 @@ def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path):
     torch.manual_seed(0)
     plain = load_model("smollm2", dtype=dtype)
     prepared = prepare_for_generation(load_model("smollm2", dtype=dtype))
-    assert prepared.inference_only and not any(p.requires_grad for p in prepared.parameters())
+    assert isinstance(prepared, PackedLLM) and not any(p.requires_grad for p in prepared.parameters())
     assert prepared.num_parameters() == plain.num_parameters()
     assert prepare_for_generation(prepared) is prepared  # a second call changes nothing
     ids = torch.randint(3, 49152, (2, 10))
@@ -76,6 +77,10 @@ def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path):
         assert torch.equal(generate(plain, ids, **args), generate(prepared, ids, **args))
     with pytest.raises(ValueError, match="prepare_for_generation"):
         save_model(prepared, tmp_path / "out")
+    with pytest.raises(ValueError, match="prepare_for_generation"):
+        prepared.save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="computes no loss"):
+        prepared(ids, labels=ids)
     assert not (tmp_path / "out").exists()
 
 
@@ -91,7 +96,7 @@ def test_static_cache_steps_equal_the_growing_cache(sliding_window):
     mask[1, :4] = mask[2, :1] = 0
     args = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[])
     growing = generate(model, ids, **args)
-    model.decode_step = decode_step
+    pack(model, ReductionLinear, decode_step)  # run eagerly
     assert torch.equal(generate(model, ids, **args), growing)
 
 

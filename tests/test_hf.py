@@ -6,8 +6,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from smoltrain.config import get_preset
-from smoltrain.hf import from_hf_key, load_model, to_hf_key
+from smoltrain.hf import from_hf_key, to_hf_key
 from smoltrain.model import CustomLLM
+from smoltrain.model_io import load_model
 
 from .conftest import micro_config
 

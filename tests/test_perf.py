@@ -35,3 +35,30 @@ def test_relaunch_reexecutes_once_with_the_tunable_and_the_same_arguments():
         [sys.executable, "-c", SHOW_ENV], env=env, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out == ["start", "glibc.malloc.tcache_count=5 []"]
+
+
+def test_the_relaunch_is_for_cpu_training_with_tune_malloc_on(tmp_path):
+    from smoltrain.cli import _trains_on_cpu_with_tuning, build_parser
+
+    def decide(*argv):
+        args, extra = build_parser().parse_known_args(["train", *argv])
+        args.overrides = [*args.overrides, *extra]
+        return _trains_on_cpu_with_tuning(args)
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  device: cpu\n")
+    assert decide("--config", str(config))
+    assert not decide("--config", str(config), "train.tune_malloc=false")
+    assert not decide("--device", "cuda")
+    assert not decide("--config", str(config), "train.device=mps")
+    config.write_text("train:\n  tune_malloc: false\n")
+    assert not decide("--config", str(config), "--device", "cpu")
+
+
+def test_cpu_training_tweaks_say_what_they_apply():
+    from smoltrain.perf import cpu_training_tweaks
+
+    assert cpu_training_tweaks("cuda", True) == cpu_training_tweaks("cpu", False)
+    applied = cpu_training_tweaks("cpu", True)
+    if sys.platform.startswith("linux"):
+        assert "glibc keeps freed memory (mallopt)" in applied

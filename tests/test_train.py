@@ -168,7 +168,7 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 def test_final_folder_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smoltrain.hf import load_model
+    from smoltrain.model_io import load_model
 
     smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "3", "log.trackers=[tensorboard]"))
     out = tmp_path / "run"
@@ -343,3 +343,65 @@ def test_compiled_model_trains_like_eager(tmp_path):
     for step in (1, 2, 3):
         assert math.isclose(eager[step], compiled[step], rel_tol=1e-5), step
     assert [r["step"] for r in metric_rows(tmp_path / "compiled") if "compile_s" in r] == [1]
+
+
+def small_run_config(tmp_path: Path, *extra: str):
+    """small_run_args as a loaded config, for calling the loop's pieces from Python."""
+    from smoltrain.train import config_for_cli
+
+    args = small_run_args(tmp_path, "py", *extra)
+    return config_for_cli(args[1], args[6:], "init", None, {"output_dir": args[3], "device": "cpu"})
+
+
+def test_train_step_alone_and_the_non_finite_policy(tmp_path):
+    """train_step on a run from setup_run: a good step updates the weights and counts its
+    tokens; a non-finite loss skips the update but counts the step, and max_bad_steps of
+    them in a row stop the run with a message naming the fix."""
+    from smoltrain.train import TrainingError, setup_run, train_step
+
+    cfg = small_run_config(
+        tmp_path, "train.global_batch_size=6", "train.max_bad_steps=2", "schedule.max_steps=5"
+    )
+    before = json.dumps(cfg.to_dict(), sort_keys=True)
+    run = setup_run(cfg)
+    assert run.grad_accum_steps == 3 and run.tokens_per_step == 2 * 3 * 32
+    assert json.dumps(cfg.to_dict(), sort_keys=True) == before  # the caller's config untouched
+    weights = run.raw_model.embed_tokens.weight.detach().clone()
+    result = train_step(run)
+    assert not result.skipped and math.isfinite(result.loss) and result.grad_norm > 0
+    assert run.state.step == 1 and run.state.tokens == run.tokens_per_step
+    assert not torch.equal(weights, run.raw_model.embed_tokens.weight)
+
+    real_forward = run.forward
+
+    def nan_loss(**batch):
+        out = real_forward(**batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    run.forward = nan_loss
+    weights = run.raw_model.embed_tokens.weight.detach().clone()
+    assert train_step(run).skipped
+    assert torch.equal(weights, run.raw_model.embed_tokens.weight)  # no update
+    assert all(p.grad is None for p in run.raw_model.parameters())  # nothing carried over
+    assert (run.state.step, run.state.skipped_steps, run.state.tokens) == (2, 1, run.tokens_per_step)
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row.*lower optim.lr"):
+        train_step(run)
+    run.metrics.close()
+
+
+def test_start_summary_names_the_kernels_and_the_process_settings(tmp_path):
+    result = smoltrain(*small_run_args(tmp_path, "auto", "--max-steps", "1", "train.precision=bf16"))
+    kernels = next(line for line in result.stdout.splitlines() if line.strip().startswith("kernels"))
+    for name in ("chunked_loss", "mlp", "attention", "rms_norm"):
+        assert name in kernels
+    process = next(line for line in result.stdout.splitlines() if line.strip().startswith("process"))
+    assert "glibc keeps freed memory" in process and "tcache off" in process
+    result = smoltrain(
+        *small_run_args(tmp_path, "off", "--max-steps", "1", "train.kernels=off", "train.tune_malloc=false")
+    )
+    assert "kernels     none (the plain model)" in result.stdout
+    assert "process     as started" in result.stdout
+    result = smoltrain(*small_run_args(tmp_path, "bad", "train.kernels=fast"), check=False)
+    assert result.returncode != 0 and "train.kernels 'fast' is unknown; use auto or off" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smoltrain.generate import prepare_for_generation, stream_text
-from smoltrain.hf import load_model
 from smoltrain.model import CustomLLM
+from smoltrain.model_io import load_model
 from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
 CONTINUE, CHAT = "Continue text", "Chat"

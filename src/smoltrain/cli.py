@@ -33,7 +33,7 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
     from smoltrain.generate import prepare_for_generation, stream_text
-    from smoltrain.hf import load_model
+    from smoltrain.model_io import load_model
     from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
     device = pick_device(args.device)
@@ -66,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from smoltrain.hf import load_model
+    from smoltrain.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
     model = load_model(args.src, dtype=_dtype(args.dtype))
@@ -80,7 +80,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from smoltrain.train import TrainingError, config_for_cli, train
+    from smoltrain.errors import TrainingError
+    from smoltrain.train import config_for_cli, train
 
     flags = {
         "output_dir": args.output_dir,
@@ -108,6 +109,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     demo = build_app(args.model, args.tokenizer, device=pick_device(args.device), compile=args.compile)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+
+
+def _trains_on_cpu_with_tuning(args: argparse.Namespace) -> bool:
+    """Whether this `train` command runs on CPU with train.tune_malloc on, judged before
+    torch is imported (the relaunch that turns glibc's tcache off must come first, and a
+    second import of torch would cost seconds): from the flags, the dotted overrides and
+    the YAML file; `auto` is CPU unless the machine shows a GPU driver. A wrong guess only
+    changes the allocator setting, which the start-up summary reports."""
+    import yaml
+
+    try:
+        file = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    except (OSError, yaml.YAMLError):
+        file = {}  # the config loader reports it properly later
+    section = file.get("train") if isinstance(file, dict) else None
+    settings = {f"train.{k}": str(v) for k, v in (section if isinstance(section, dict) else {}).items()}
+    settings.update(o.split("=", 1) for o in args.overrides if "=" in o)
+    if settings.get("train.tune_malloc", "true").lower() in ("false", "0", "no", "off"):
+        return False
+    device = args.device or settings.get("train.device", "auto")
+    gpu_driver = any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/kfd"))
+    return device == "cpu" or (device == "auto" and not gpu_driver)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
-        if argv is None:  # a real command line, not a call from Python
+        if argv is None and _trains_on_cpu_with_tuning(args):  # a real command line, not a call from Python
             from smoltrain.perf import relaunch_with_lean_malloc
 
             relaunch_with_lean_malloc()  # needs a fresh process: glibc reads it at start-up

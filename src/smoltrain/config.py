@@ -153,7 +153,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # SPEC.md's table exactly: 134,515,008 parameters.
+    # The reference's architecture table (docs/reference-run.md): 134,515,008 parameters.
     "smollm2-135m": ModelConfig(),
     # The quickstart and test model: 7.3M parameters, most of them the 49k-token embedding.
     "tiny": ModelConfig(

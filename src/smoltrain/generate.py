@@ -1,72 +1,17 @@
 """Text generation with a KV cache: batched prompts with left padding, greedy or sampled,
 stopping at EOS per row, as a stream of tokens or all at once. `prepare_for_generation`
-makes a model faster for inference: oneDNN linears on CPU, or, with compile=True, a decode
-step of fixed shapes (a cache of fixed capacity) that torch.compile captures once."""
+makes a model faster for inference (the modules of `smoltrain.kernels.decode`): oneDNN
+linears on CPU, or, with compile=True, a decode step of fixed shapes (a cache of fixed
+capacity) that torch.compile captures once."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from smoltrain.kernels.decode import OneDNNLinear, PackedLLM, ReductionLinear, onednn_linear_works, pack
 from smoltrain.model import CustomLLM, KVCache
-
-
-class OneDNNLinear(nn.Module):
-    """A frozen `nn.Linear` computed by oneDNN's inner product, the kernel torch.compile's
-    freezing pass picks on CPU. Decoding multiplies one row by each weight, and there this
-    reads the weights about twice as fast as `F.linear`'s default (MKL gemv) on x86.
-    The weight is reordered once into oneDNN's blocked layout for a batch of 8 rows: as fast
-    as the plain layout for one row, 1.7x faster for 8 (a copy, so a tied head no longer
-    shares the embedding's storage)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        # a plain attribute: not a parameter, not in the state dict
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
-
-
-def _onednn_linear_works(dtype: torch.dtype) -> bool:
-    """oneDNN's CPU ops exist and agree with F.linear for this dtype (a build without them,
-    or one that changed their signature, keeps the plain path)."""
-    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
-        return False
-    try:
-        probe = nn.Linear(64, 48, bias=False).to(dtype)
-        x = torch.randn(2, 3, 64, dtype=dtype)
-        with torch.inference_mode():
-            return torch.allclose(OneDNNLinear(probe.weight)(x), probe(x), rtol=1e-2, atol=1e-2)
-    except (RuntimeError, AttributeError):
-        return False
-
-
-class ReductionLinear(nn.Module):
-    """A frozen linear layer for a compiled decode step. On CPU, for a single row, it writes
-    x @ W.T as a product and a sum, which torch.compile turns into one vectorized pass over
-    the weights on every core: it reads them at the memory bandwidth (about 33 GB/s here),
-    where the library kernels an `mm` is sent to reach 11 (MKL) to 27 (oneDNN). Otherwise,
-    and in eager mode (the product would be materialized), it is `F.linear`."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares a tied weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
-            return (x.unsqueeze(-2) * self.weight).sum(-1)
-        return F.linear(x, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
 
 
 def decode_step(
@@ -91,48 +36,29 @@ def decode_step(
     return out.logits[:, -1]
 
 
-def _repack_linears(model: CustomLLM, make_linear) -> None:
-    """Replace every linear by `make_linear(weight)`, q/k/v and gate/up each merged into one
-    (fewer, larger weight reads)."""
-    with torch.no_grad():
-        for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = make_linear(
-                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            )
-            mlp.gate_up_proj = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj  # free the originals
-            attn.o_proj = make_linear(attn.o_proj.weight)
-            mlp.down_proj = make_linear(mlp.down_proj.weight)
-        model.lm_head = make_linear(model.lm_head.weight)
-
-
 def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM:
-    """Turn a model into an inference-only one, in place: eval mode, no gradients, q/k/v and
-    gate/up each merged into one matmul, and
+    """Turn a model into an inference-only one, in place (a `PackedLLM`, see
+    `smoltrain.kernels.decode`): eval mode, no gradients, q/k/v and gate/up each merged into
+    one matmul, and
     - by default, on CPU, every linear computed by oneDNN (`OneDNNLinear`): decoding is
-      1.6-2.3x faster than transformers' generate (bench/RESULTS.md), at any batch size;
+      1.5-2.4x faster than transformers' generate (bench/RESULTS.md), at any batch size;
     - with `compile=True` (CPU or CUDA), every decode step after the prompt run by
       `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`): at
       batch 1 on CPU another 2x, at the price of compiling (20-40 s, once per batch size
       and cache size); at batch 8 the default is faster.
     Greedy tokens are those of the plain model. The model cannot be trained or saved
-    afterwards (`save_model` refuses it); load it again for that."""
+    afterwards (saving it says so); load it again for that."""
     model.eval().requires_grad_(False)
-    if model.inference_only:
+    if isinstance(model, PackedLLM):
         if compile and model.decode_step is None:
             raise ValueError("this model was prepared without compile=True; load it again to compile it")
         return model
     if compile:
         if model.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compile=True runs on CPU or CUDA, not {model.device.type}; leave it off there")
-        _repack_linears(model, ReductionLinear)
-        model.decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    elif model.device.type == "cpu" and _onednn_linear_works(model.dtype):
-        _repack_linears(model, OneDNNLinear)
-    else:
-        return model
-    model.inference_only = True
+        return pack(model, ReductionLinear, torch.compile(decode_step, fullgraph=True, dynamic=False))
+    if model.device.type == "cpu" and onednn_linear_works(model.dtype):
+        return pack(model, OneDNNLinear)
     return model
 
 
@@ -232,7 +158,8 @@ def stream_generate(
         position_ids = torch.arange(T, device=model.device)[None].expand(B, T)
 
     capacity = T + max_new_tokens
-    if model.decode_step is not None:
+    compiled_step = model.decode_step if isinstance(model, PackedLLM) else None
+    if compiled_step is not None:
         # a power of two from 256: a compiled step serves many prompt and output lengths
         capacity = min(max(256, 1 << (capacity - 1).bit_length()), context)
         slots = torch.zeros(B, capacity, dtype=torch.bool, device=model.device)  # cache slots in use
@@ -243,14 +170,14 @@ def stream_generate(
     unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
     step_ids, step_positions = input_ids, position_ids
     for step in range(max_new_tokens):
-        if step > 0 and model.decode_step is not None:
+        if step > 0 and compiled_step is not None:
             slot = cache.length
             slots[:, slot] = True
             mask = slots
             if model.config.sliding_window is not None:
                 mask = slots & (slot_index > slot - model.config.sliding_window)
             cache_position = torch.tensor([slot], device=model.device)
-            logits = model.decode_step(
+            logits = compiled_step(
                 model, step_ids, step_positions, cache_position, mask[:, None, None], cache
             )
             cache.advance(1)
@@ -276,7 +203,7 @@ def stream_generate(
         generated = torch.cat([generated, next_ids[:, None]], dim=1)
         step_ids = next_ids[:, None]
         step_positions = step_positions[:, -1:] + 1
-        if attention_mask is not None and model.decode_step is None:  # compiled steps use `slots`
+        if attention_mask is not None and compiled_step is None:  # compiled steps use `slots`
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
 
 

@@ -1,13 +1,14 @@
-"""The SmolLM2 model: a Llama decoder, read top to bottom like SPEC.md's architecture table.
+"""The SmolLM2 model: a Llama decoder in plain PyTorch, read top to bottom like the
+architecture table (docs/reference-run.md).
 
 Numerically it is transformers' LlamaForCausalLM (same RMSNorm, rotary and attention maths);
-the module names follow the reference's printout. Conversion to and from Hugging Face lives
-in `smoltrain.hf`, generation in `smoltrain.generate`, the chunked loss in `smoltrain.loss`.
+the module names follow the reference's printout. Faster device-specific versions of some
+modules live in `smoltrain.kernels` and are swapped in by `prepare_for_training` (and, for
+inference, `smoltrain.generate.prepare_for_generation`); this file has one forward path.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from smoltrain.config import ModelConfig
-from smoltrain.loss import IGNORE_INDEX, chunked_linear_cross_entropy, softmax_in_place
+
+IGNORE_INDEX = -100  # label of a position that has no target (padding, a masked prompt)
 
 
 @dataclass
@@ -78,28 +80,6 @@ class KVCache:
         self.length += new_tokens
 
 
-class _CPURMSNorm(torch.autograd.Function):
-    """F.rms_norm for training on CPU, keeping the input and the (tokens x 1) inverse RMS for
-    backward. On CPU F.rms_norm's backward is the composite one, which also keeps the
-    normalized input: one more (tokens x hidden) fp32 tensor per norm, 137 MB of a 135M
-    step's activations. Same forward kernel, same speed."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, rstd, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, rstd, weight = ctx.saved_tensors
-        x_hat = x * rstd
-        grad_weight = (grad_out * x_hat).sum(dim=tuple(range(grad_out.dim() - 1)))
-        grad_x_hat = grad_out * weight
-        grad_x = (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True)) * rstd
-        return grad_x, grad_weight, None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -107,17 +87,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the fused kernel: the same result in fp32 (the residual stream, also under
-            # autocast), twice as fast forward + backward on CPU
-            if (
-                x.device.type == "cpu"
-                and torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad)
-            ):
-                return _CPURMSNorm.apply(x, self.weight, self.eps)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalize in fp32 and cast back before the scale, exactly as LlamaRMSNorm does.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        # A 16-bit model: normalize in fp32 and cast back before the scale, as LlamaRMSNorm does.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -162,54 +134,6 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta:g}"
 
 
-class _JoinedProjection(torch.autograd.Function):
-    """x @ [w1; w2; ...].T as one matmul in `dtype`, for the projections that read the same
-    input (q/k/v, gate/up) under autocast. Autocast would cast and keep x once per projection
-    and run a narrow matmul each (k and v are 192 wide at 135M); here the weights are cast
-    into one buffer (the cast autocast makes anyway) and x is cast and kept once. Backward is
-    two matmuls instead of two per projection, and the input's gradient leaves in x's dtype
-    (fp32), as autocast's did."""
-
-    @staticmethod
-    def forward(ctx, x, dtype, *weights):
-        sizes = [w.shape[0] for w in weights]
-        joined = torch.empty(sum(sizes), weights[0].shape[1], dtype=dtype, device=x.device)
-        for part, w in zip(joined.split(sizes), weights, strict=True):
-            part.copy_(w)
-        x_cast = x.to(dtype)
-        ctx.save_for_backward(x_cast, joined)
-        ctx.sizes, ctx.input_dtype, ctx.weight_dtype = sizes, x.dtype, weights[0].dtype
-        return F.linear(x_cast, joined)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x_cast, joined = ctx.saved_tensors
-        grad_out = grad_out.to(joined.dtype)
-        grad_x = (grad_out @ joined).to(ctx.input_dtype)
-        grad_joined = grad_out.reshape(-1, grad_out.shape[-1]).T @ x_cast.reshape(-1, x_cast.shape[-1])
-        return grad_x, None, *(g.to(ctx.weight_dtype) for g in grad_joined.split(ctx.sizes))
-
-
-def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The outputs of bias-free linears that all read x. In training under autocast, plain
-    `nn.Linear`s run as one joined matmul (see `_JoinedProjection`); otherwise, and for
-    wrapped or hooked modules (LoRA, quantized), each module is called as it is."""
-    device_type = x.device.type
-    if (
-        torch.is_autocast_enabled(device_type)
-        and torch.is_grad_enabled()
-        and all(
-            type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
-            for m in linears
-        )
-    ):
-        dtype = torch.get_autocast_dtype(device_type)
-        if x.dtype != dtype and all(m.weight.dtype == x.dtype for m in linears):
-            y = _JoinedProjection.apply(x, dtype, *(m.weight for m in linears))
-            return y.split([m.out_features for m in linears], dim=-1)
-    return tuple(m(x) for m in linears)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -232,8 +156,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=False)
         self.v_proj = nn.Linear(h, kv, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
-        # q, k and v as one matmul: smoltrain.generate.prepare_for_generation sets it
-        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -245,237 +167,44 @@ class Attention(nn.Module):
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            kv_size = self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
-        else:
-            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        if cache is None and mask is None and _bf16_cpu_training(q):
-            # rotary, attention and the head layout in one function, forward and backward
-            return self.o_proj(_CPUCausalAttention.apply(q, k, v, cos, sin, self.n_heads))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.heads(q, k, v, cos, sin, cache, cache_position)
+        y = self.attention(q, k, v, mask)  # (B, nh, T, hd)
+        # q, and so y, is laid out (B, T, nh, hd) in memory: this is a view, not a copy
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * hd) -> (B, T, H)
+
+    def heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        cache_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections (B, T, heads * hd) -> rotated heads (B, nh, T, hd), and the keys and
+        values (B, nkv, S, hd) of the cache so far when there is one."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, nkv, S, hd)
-        if cache_position is not None and T == 1:
-            y = _one_query_attention(q, k, v, mask)
-            return self.o_proj(y.reshape(B, 1, -1))
-        # A mask disables the fast causal kernel, so pass one only when it says something.
-        is_causal = mask is None and k.shape[2] == T
+        return q, k, v
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # A mask disables the fast causal kernels, so the caller passes one only when it
+        # says something beyond causality (see build_attention_mask).
+        is_causal = mask is None and k.shape[2] == q.shape[2]
         # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads inside the
         # kernel, so no repeated copy of k and v is made (or kept for backward).
-        y = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
         )
-        # q, and so y, is laid out (B, T, nh, hd) in memory: this is a view, not a copy
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
-        return self.o_proj(y)
-
-
-def _bf16_cpu_training(q: torch.Tensor) -> bool:
-    """Whether attention runs in bf16 on CPU with gradients (what `_CPUCausalAttention` does)."""
-    if q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad):
-        return False
-    if torch.compiler.is_compiling():
-        return False  # inductor has its own attention lowering
-    autocast = torch.is_autocast_enabled("cpu")
-    return (torch.get_autocast_dtype("cpu") if autocast else q.dtype) == torch.bfloat16
-
-
-def _rotate_into(
-    out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False
-) -> torch.Tensor:
-    """out = apply_rotary(x, cos, sin) written into `out` (any layout) in three passes, or
-    with transpose=True the transposed rotation, which carries a gradient back through it."""
-    half = x.shape[-1] // 2
-    torch.mul(x, cos, out=out)
-    # forward: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2; transposed: g1 c1 + g2 s2, g2 c2 - g1 s1
-    out[..., :half].addcmul_(
-        x[..., half:], sin[..., half:] if transpose else sin[..., :half], value=1 if transpose else -1
-    )
-    out[..., half:].addcmul_(
-        x[..., :half], sin[..., :half] if transpose else sin[..., half:], value=-1 if transpose else 1
-    )
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _causal_bias(T: int, group: int) -> torch.Tensor:
-    """(T * group, T) on CPU: 0 where row (position t, head) may see key s <= t, else -inf."""
-    bias = torch.full((T, T), float("-inf"), dtype=torch.bfloat16).triu_(1)
-    return bias.repeat_interleave(group, dim=0)
-
-
-class _CPUCausalAttention(torch.autograd.Function):
-    """Rotary and causal grouped-query attention for bf16 training on CPU, as batched matmuls.
-
-    q (B, T, nh * hd), k and v (B, T, nkv * hd) as the projections leave them, cos and sin
-    (B, 1, T, hd) as `RotaryEmbedding` gives them -> (B, T, nh * hd), ready for o_proj. The
-    query heads that share a key/value head are interleaved into one matrix of (position,
-    head) rows, rotated on the way in (the copy that layout needs anyway), so each product
-    is one matmul per key/value head; the rows go in blocks of `block` positions, each block
-    against only the keys it can see (3/4 of the full square at T=256). CPU's bf16 flash
-    kernel runs its small blocks far below the matmul rate (135M, 4 x 256, a layer forward +
-    backward: 17-19 ms; this 10-12). Scores and probabilities are bf16, as in eager bf16
-    attention; the softmax computes in fp32. Backward keeps q, k and v (rotated) and, at
-    short contexts, the probabilities; past `keep_probabilities_up_to` it recomputes them,
-    as flash attention does."""
-
-    block = 128  # query positions per block: 64 ran no faster at T=256, 256 (none) 20% slower
-    # Up to this context the probabilities are kept for backward instead of recomputed
-    # (135M at T=256: +106 MB, +1.5% speed); they grow with T^2, the other activations with T.
-    keep_probabilities_up_to = 512
-
-    @staticmethod
-    def _blocks(T: int) -> list[tuple[int, int]]:
-        """The [t0, t1) position ranges of the query blocks."""
-        step = _CPUCausalAttention.block
-        return [(t0, min(t0 + step, T)) for t0 in range(0, T, step)]
-
-    @staticmethod
-    def _probabilities(q_rows, keys, bias, t0, t1):
-        """Softmax of the scaled, masked scores of positions [t0, t1) (the rows of all their
-        heads) against keys [0, t1): (B*nkv, (t1 - t0) * group, t1), in bf16."""
-        group = bias.shape[0] // bias.shape[1]
-        rows = slice(t0 * group, t1 * group)
-        scale = q_rows.shape[-1] ** -0.5
-        scores = torch.baddbmm(bias[rows, :t1], q_rows[:, rows], keys[:, :t1].transpose(1, 2), alpha=scale)
-        return softmax_in_place(scores)
-
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, n_heads):
-        B, T = q.shape[:2]
-        hd = cos.shape[-1]
-        nkv = k.shape[-1] // hd
-        group = n_heads // nkv
-        dtype = torch.bfloat16
-        with torch.autocast("cpu", enabled=False):
-            cos, sin = cos.to(dtype), sin.to(dtype)
-            # a kv head's query rows in (position, head) order: (B, nkv, T, group, hd)
-            q_heads = q.view(B, T, nkv, group, hd).transpose(1, 2)
-            q_rows = torch.empty(B, nkv, T, group, hd, dtype=dtype, device=q.device)
-            _rotate_into(q_rows, q_heads, cos[..., None, :], sin[..., None, :])
-            q_rows = q_rows.view(B * nkv, T * group, hd)
-            keys = torch.empty(B, nkv, T, hd, dtype=dtype, device=k.device)
-            keys = _rotate_into(keys, k.view(B, T, nkv, hd).transpose(1, 2), cos, sin).view(B * nkv, T, hd)
-            values = (
-                v.view(B, T, nkv, hd)
-                .transpose(1, 2)
-                .to(dtype, copy=True, memory_format=torch.contiguous_format)
-            )
-            values = values.view(B * nkv, T, hd)
-            bias = _causal_bias(T, group)
-            blocks, kept = [], []
-            keep = T <= _CPUCausalAttention.keep_probabilities_up_to
-            for t0, t1 in _CPUCausalAttention._blocks(T):
-                probs = _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
-                blocks.append(torch.bmm(probs, values[:, :t1]))
-                if keep:
-                    kept.append(probs)
-            # (B, nkv, T, group, hd) -> (B, T, nkv, group, hd) = (B, T, nh * hd)
-            out = (
-                torch.cat(blocks, dim=1)
-                .view(B, nkv, T, group * hd)
-                .transpose(1, 2)
-                .reshape(B, T, n_heads * hd)
-            )
-        ctx.save_for_backward(q_rows, keys, values, cos, sin, *kept)
-        ctx.input_dtypes = q.dtype, k.dtype, v.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q_rows, keys, values, cos, sin, *kept = ctx.saved_tensors
-        B, T = grad_out.shape[:2]
-        nkv, hd = keys.shape[0] // B, keys.shape[-1]
-        nh = grad_out.shape[-1] // hd
-        group = nh // nkv
-        with torch.autocast("cpu", enabled=False):
-            grad_out = grad_out.to(values.dtype)
-            grad_rows = (
-                grad_out.reshape(B, T, nkv, group * hd).transpose(1, 2).reshape(B * nkv, T * group, hd)
-            )
-            bias = _causal_bias(T, group)
-            grad_q_blocks = []
-            # keys and values collect a gradient from every block: summed in fp32
-            grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-            grad_v = torch.zeros_like(grad_k)
-            for i, (t0, t1) in enumerate(_CPUCausalAttention._blocks(T)):
-                rows = slice(t0 * group, t1 * group)
-                probs = kept[i] if kept else _CPUCausalAttention._probabilities(q_rows, keys, bias, t0, t1)
-                grad_v[:, :t1] += torch.bmm(probs.transpose(1, 2), grad_rows[:, rows])
-                # dS = P * (dP - rowsum(P * dP)): a block's rows hold every key they see, so
-                # softmax's own backward kernel (fp32 row sums) applies as it is
-                grad_probs = torch.bmm(grad_rows[:, rows], values[:, :t1].transpose(1, 2))
-                grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-                del probs, grad_probs
-                grad_q_blocks.append(torch.bmm(grad_scores, keys[:, :t1]))
-                grad_k[:, :t1] += torch.bmm(grad_scores.transpose(1, 2), q_rows[:, rows])
-            # the scores' scale and the rotary, both transposed, in one pass each
-            scale = hd**-0.5
-            cos, sin = cos * scale, sin * scale
-            dtype_q, dtype_k, dtype_v = ctx.input_dtypes
-            grad_q = torch.empty(B, T, nkv, group, hd, dtype=dtype_q, device=keys.device)
-            grad_q_rows = torch.cat(grad_q_blocks, dim=1).view(B, nkv, T, group, hd)
-            _rotate_into(
-                grad_q.transpose(1, 2), grad_q_rows, cos[..., None, :], sin[..., None, :], transpose=True
-            )
-            grad_k_heads = torch.empty(B, T, nkv, hd, dtype=dtype_k, device=keys.device)
-            _rotate_into(grad_k_heads.transpose(1, 2), grad_k.view(B, nkv, T, hd), cos, sin, transpose=True)
-            grad_v_heads = torch.empty(B, T, nkv, hd, dtype=dtype_v, device=keys.device)
-            grad_v_heads.transpose(1, 2).copy_(grad_v.view(B, nkv, T, hd))
-        return (
-            grad_q.view(B, T, -1),
-            grad_k_heads.view(B, T, -1),
-            grad_v_heads.view(B, T, -1),
-            None,
-            None,
-            None,
-        )
-
-
-def _one_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one new token (B, nh, 1, hd) over the whole cache (B, nkv, S, hd) as
-    plain matmuls that torch.compile fuses with what surrounds them. At one query SDPA's CPU
-    kernel costs more than its arithmetic: compiled bf16 decoding went 50 -> 60 tok/s.
-    The softmax is in fp32, as in SDPA."""
-    B, nh, _, hd = q.shape
-    n_kv = k.shape[1]
-    q = q.view(B, n_kv, nh // n_kv, hd)  # the query heads that share each key/value head
-    scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, nkv, group, S)
-    scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
-    return (scores.softmax(-1).to(v.dtype) @ v).view(B, nh, 1, hd)
-
-
-class _GatedDown(torch.autograd.Function):
-    """down(silu(gate) * up) keeping only gate and up for backward. Plain autograd also keeps
-    silu(gate) and the product (the down projection's input): two more (tokens x 1536)
-    tensors per layer, a quarter of a layer's activations. They are recomputed in backward,
-    which costs two elementwise passes and no extra matmul (135M: -400 MB, +3% speed)."""
-
-    @staticmethod
-    def forward(ctx, gate, up, down_weight):
-        w = down_weight.to(gate.dtype)  # autocast: the matmul runs in the activations' dtype
-        ctx.save_for_backward(gate, up, down_weight)
-        return (F.silu(gate) * up) @ w.T
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        gate, up, down_weight = ctx.saved_tensors
-        w = down_weight.to(gate.dtype)
-        grad_out = grad_out.to(gate.dtype)
-        silu = F.silu(gate)
-        prod = (silu * up).reshape(-1, up.shape[-1])
-        grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ prod).to(down_weight.dtype)
-        del prod
-        grad_prod = grad_out @ w  # (..., I)
-        grad_up = grad_prod * silu
-        grad_gate = torch.ops.aten.silu_backward(grad_prod * up, gate)
-        return grad_gate, grad_up, grad_w
 
 
 class MLP(nn.Module):
@@ -487,16 +216,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = nn.SiLU()
-        self.gate_up_proj: nn.Module | None = None  # gate and up as one matmul, for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = project(x, self.gate_proj, self.up_proj)
-        if torch.is_grad_enabled() and isinstance(self.down_proj, nn.Linear):
-            return _GatedDown.apply(gate, up, self.down_proj.weight)
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -510,6 +232,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, cache_position=None):
         x = x + self.self_attn(self.input_norm(x), cos, sin, mask, cache, cache_position)
         return x + self.mlp(self.post_attn_norm(x))
+
+
+class LMHead(nn.Linear):
+    """The projection to the vocabulary, and the next-token loss through it."""
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of `hidden` (B, T, H) against `labels` (B, T),
+        already aligned, IGNORE_INDEX ignored; in fp32, as transformers computes it."""
+        logits = self(hidden).float()  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def build_attention_mask(
@@ -548,10 +280,6 @@ def build_attention_mask(
 class CustomLLM(nn.Module):
     """A Llama-architecture causal language model (SmolLM2-135M with the default config)."""
 
-    # both set by smoltrain.generate.prepare_for_generation
-    inference_only = False
-    decode_step = None  # a compiled smoltrain.generate.decode_step, used after the prompt
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -559,7 +287,7 @@ class CustomLLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         self.tie_weights()
@@ -580,8 +308,6 @@ class CustomLLM(nn.Module):
         self.gradient_checkpointing = False
 
     def num_parameters(self) -> int:
-        if self.inference_only:  # the repacked linear weights are no longer parameters
-            return self.config.num_params()
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
 
     @property
@@ -605,9 +331,9 @@ class CustomLLM(nn.Module):
         cache_position: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, T). attention_mask: 0/1 (B, S) over the cache and the input, or a
-        boolean (B, 1, T, S) mask. labels (B, T) are shifted inside, -100 ignored.
-        logits_to_keep=k keeps the logits of the last k positions only (0: all).
-        return_logits=False with labels computes the loss chunk by chunk without logits.
+        boolean (B, 1, T, S) mask. labels (B, T) are shifted inside, -100 ignored; the loss
+        is `lm_head.loss`, computed apart from the logits. logits_to_keep=k keeps the logits
+        of the last k positions only (0: all); return_logits=False skips them (training).
         cache_position (T,): the cache slots to write, for a step with fixed shapes that
         torch.compile captures once (see smoltrain.generate); the caller then passes
         position_ids and the boolean mask over the cache's whole capacity, and advances it."""
@@ -633,7 +359,7 @@ class CustomLLM(nn.Module):
             mask = build_attention_mask(attention_mask, past, T, self.config.sliding_window, input_ids.device)
 
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B, 1, T, hd)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
@@ -643,18 +369,12 @@ class CustomLLM(nn.Module):
         if cache is not None and cache_position is None:
             cache.advance(T)
 
-        loss = logits = None
-        if labels is not None:
-            # Predict token t+1 from position t: drop the last position, shift labels left.
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-            if not return_logits:
-                loss = chunked_linear_cross_entropy(x, self.lm_head.weight, shifted)
+        logits = loss = None
         if return_logits:
             logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # (B, T, V)
-            if labels is not None:
-                loss = F.cross_entropy(
-                    logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX
-                )
+        if labels is not None:
+            # Predict token t+1 from position t: shift the labels left, the last one ignored.
+            loss = self.lm_head.loss(x, F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:])
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -666,13 +386,13 @@ class CustomLLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> CustomLLM:
         """A Hugging Face folder (or hub name), a `.gguf` file, or `smollm2` (the bundled
-        SmolLM2-135M-Instruct); see `smoltrain.hf.load_model`."""
-        from smoltrain.hf import load_model
+        SmolLM2-135M-Instruct); see `smoltrain.model_io.load_model`."""
+        from smoltrain.model_io import load_model
 
         return load_model(path, **kwargs)
 
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
         """Write a folder that `transformers.AutoModelForCausalLM` loads as-is."""
-        from smoltrain.hf import save_model
+        from smoltrain.model_io import save_model
 
         save_model(self, folder, tokenizer=tokenizer)

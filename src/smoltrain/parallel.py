@@ -9,11 +9,9 @@ saved by N processes, sharded or not, resumes on M.
 
 from __future__ import annotations
 
-import random
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -83,18 +81,3 @@ def load_training_state(model, optimizer, folder: Path, tied: bool) -> None:
         optim_state_dict=optim_state,
         options=StateDictOptions(full_state_dict=True),
     )
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

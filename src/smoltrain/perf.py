@@ -1,4 +1,7 @@
-"""Process-level settings that make the hot loop faster or leaner; each one measured (bench/)."""
+"""Process-level settings for training on CPU under glibc, each measured (docs/performance.md):
+freed memory kept in the heap (`keep_freed_memory`) and the per-thread cache of small blocks
+off (`relaunch_with_lean_malloc`). `train.tune_malloc=false` turns both off; the start-up
+summary lists what is applied (`cpu_training_tweaks`)."""
 
 from __future__ import annotations
 
@@ -61,3 +64,20 @@ def relaunch_with_lean_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+def lean_malloc_active() -> bool:
+    """Whether this process started with glibc's tcache off (by the relaunch or the user)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return platform.libc_ver()[0] == "glibc" and LEAN_MALLOC_TUNABLE in tunables
+
+
+def cpu_training_tweaks(device_type: str, enabled: bool) -> list[str]:
+    """Apply the settings that pay for training on CPU (when `enabled`), and say which are
+    in force, for the start-up summary. They last as long as the process."""
+    applied = []
+    if device_type == "cpu" and enabled and keep_freed_memory():
+        applied.append("glibc keeps freed memory (mallopt)")
+    if lean_malloc_active():
+        applied.append("glibc tcache off (GLIBC_TUNABLES)")
+    return applied

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from smoltrain.hf import BUNDLED_NAME, cached_conversion, publish_folder, resolve_checkpoint
+from smoltrain.atomic import publish_folder
+from smoltrain.model_io import BUNDLED_NAME, cached_conversion, resolve_checkpoint
 
 
 def _gguf_tokenizer(path: Path):

@@ -58,6 +58,8 @@ class TrainLoopConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
     seed: int = 42
     compile: bool = False  # torch.compile the model
+    kernels: str = "auto"  # auto: the kernels measured to pay on this device (smoltrain.kernels) | off
+    tune_malloc: bool = True  # CPU under glibc: keep freed memory, tcache off (docs/performance.md)
     fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2)
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
@@ -143,4 +145,8 @@ def load_config(
     except OmegaConfBaseException as e:
         raise ValueError(f"bad config: {_explain(e)}") from None
     result.model.build_config()  # unknown model overrides fail here, with the nearest key
+    if result.train.kernels in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        result.train.kernels = "off"
+    if result.train.kernels not in ("auto", "off"):
+        raise ValueError(f"bad config: train.kernels '{result.train.kernels}' is unknown; use auto or off")
     return result

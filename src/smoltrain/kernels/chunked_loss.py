@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from smoltrain.kernels.softmax import softmax_in_place
+from smoltrain.model import IGNORE_INDEX, LMHead
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -118,17 +119,6 @@ def _graph_is_kept() -> bool:
     return True if query is None else bool(query())
 
 
-def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension written into `logits`' own buffer: one (n, V) buffer
-    at the loss's peak instead of two (135M: 96 MB), and no fresh buffer to fault in (the
-    CPU attention's scores use it too). The
-    kernel is the same as torch.softmax's, so are the values. torch.compile gets the
-    out-of-place op: it plans the buffers itself, and breaks gradients on this aliasing."""
-    if torch.compiler.is_compiling():
-        return torch.softmax(logits, dim=-1)
-    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-
-
 def default_chunk_size(vocab_size: int, device_type: str) -> int:
     """Tokens per chunk. On CPU, 96 MiB of fp32 logits (512 tokens of a 49k vocabulary):
     the head's matmuls run 15% faster than at 170 tokens and, with
@@ -157,3 +147,10 @@ def chunked_linear_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size, compute_dtype)
+
+
+class ChunkedLossHead(LMHead):
+    """`LMHead` whose loss is `chunked_linear_cross_entropy`: no (tokens x vocab) logits."""
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return chunked_linear_cross_entropy(hidden, self.weight, labels)

@@ -1,0 +1,58 @@
+"""Every file and folder the project writes goes through here: a crash, a kill or a full
+disk leaves the old version or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
+    """Write `path` with `content` (text, bytes, or a function that writes the file it is
+    given, such as `lambda p: torch.save(obj, p)`): into a temporary file beside it, flushed
+    to disk, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def publish_folder(tmp: Path, final: Path, replace: bool = False) -> bool:
+    """Move the fully written folder `tmp` to `final` in one rename, its files flushed to disk
+    first. An existing `final` is replaced when `replace`; otherwise it is kept (a concurrent
+    writer of the same cached result won) and `tmp` removed. Returns whether `tmp` moved."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if replace and final.exists():
+        shutil.rmtree(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if replace:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    _fsync(final.parent)
+    return True

@@ -1,0 +1,86 @@
+"""Faster device-specific versions of the model's modules, swapped in by one function.
+
+Each kernel is a subclass of a module of `smoltrain.model` that overrides `forward` only:
+the swap changes the object's class and nothing else, so parameters, state-dict names, tied
+weights and hooks stay as they were (FSDP2's `fully_shard` swaps classes the same way).
+Each one falls back to the plain module's path wherever it does not apply, and each has a
+test in tests/kernels/ that bounds its error against the plain op.
+
+    prepare_for_training(model, "cpu", "bf16")   # what `train.kernels: auto` does
+    prepare_for_training(model, "cpu", "bf16", kernels="off")   # the plain model
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+
+from smoltrain.kernels.chunked_loss import ChunkedLossHead
+from smoltrain.kernels.cpu_attention import TrainingAttention
+from smoltrain.kernels.gated_mlp import TrainingMLP
+from smoltrain.kernels.rms_norm import LeanRMSNorm
+from smoltrain.model import MLP, Attention, CustomLLM, LMHead, RMSNorm
+
+M = TypeVar("M", bound=nn.Module)
+
+# name -> (the plain module it replaces, the kernel, what it does)
+KERNELS: dict[str, tuple[type[nn.Module], type[nn.Module], str]] = {
+    "chunked_loss": (LMHead, ChunkedLossHead, "linear + cross-entropy in chunks, no logits kept"),
+    "mlp": (MLP, TrainingMLP, "gate/up joined under autocast, product recomputed in backward"),
+    "attention": (Attention, TrainingAttention, "q/k/v joined under autocast; CPU bf16: batched matmuls"),
+    "rms_norm": (RMSNorm, LeanRMSNorm, "fp32 on CPU keeps input and inverse RMS only"),
+}
+
+# What `auto` swaps in, by device and precision. On CPU each was measured to pay (python -m
+# bench, docs/performance.md); the joined projections act only under autocast, the CPU
+# attention only in bf16. On CUDA and MPS: the kernels with no device-specific code, as the
+# model ran them before they moved here; bench/gpu.sh times auto against off on a GPU.
+AUTO: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cpu", "fp32"): ("chunked_loss", "mlp", "rms_norm"),
+    ("cpu", "bf16"): ("chunked_loss", "mlp", "attention", "rms_norm"),
+    ("cuda", "fp32"): ("chunked_loss", "mlp"),
+    ("cuda", "bf16"): ("chunked_loss", "mlp", "attention"),
+    ("cuda", "fp16"): ("chunked_loss", "mlp", "attention"),
+    ("mps", "fp32"): ("chunked_loss", "mlp"),
+}
+
+
+def swap_class(module: nn.Module, kernel: type[M]) -> M:
+    """Make `module` an instance of `kernel`, a subclass of its class that overrides methods
+    only (no state of its own), keeping every parameter, buffer and hook."""
+    if not issubclass(kernel, type(module)):
+        raise TypeError(f"{kernel.__name__} does not specialize {type(module).__name__}")
+    module.__class__ = kernel
+    return module  # type: ignore[return-value]
+
+
+def choose_kernels(device_type: str, precision: str, kernels: str = "auto") -> tuple[str, ...]:
+    """The kernel names `kernels` ("auto" or "off") means on this device and precision."""
+    if kernels == "off":
+        return ()
+    if kernels != "auto":
+        raise ValueError(f"train.kernels '{kernels}' is unknown; use auto or off")
+    return AUTO.get((device_type, precision), ())
+
+
+def prepare_for_training(
+    model: CustomLLM, device_type: str, precision: str, kernels: str = "auto"
+) -> CustomLLM:
+    """Put `model` in training mode with the kernels chosen for `device_type` ("cpu",
+    "cuda", "mps") and `precision` ("fp32", "bf16", "fp16") swapped in, in place. Call it
+    before wrapping the model (DDP, FSDP, torch.compile). The twin of
+    `smoltrain.generate.prepare_for_generation`."""
+    chosen = choose_kernels(device_type, precision, kernels)
+    for name in chosen:
+        plain, kernel, _ = KERNELS[name]
+        for module in model.modules():
+            if type(module) is plain:
+                swap_class(module, kernel)
+    return model.train()
+
+
+def active_kernels(model: nn.Module) -> list[str]:
+    """The names of the kernels in `model`, in `KERNELS`' order."""
+    classes = {type(m) for m in model.modules()}
+    return [name for name, (_, kernel, _) in KERNELS.items() if kernel in classes]

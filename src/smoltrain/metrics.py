@@ -1,0 +1,100 @@
+"""What a run reports: `metrics.jsonl` and the trackers, `loss.png`, and the summaries
+printed at the start and the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from smoltrain.atomic import write_atomic
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """metrics.jsonl (always) plus the Accelerate trackers, main process only. Lines are
+    appended as they come (a crash loses at most the line being written)."""
+
+    def __init__(self, path: Path, accelerator) -> None:
+        self.accelerator = accelerator
+        self.file = open(path, "a", buffering=1) if accelerator.is_main_process else None
+
+    def write(self, step: int, **values: Any) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self.accelerator.trackers:
+            self.accelerator.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint: those steps are about to be redone."""
+    if not path.exists():
+        return
+    keep = [row for row in read_metrics(path) if row["step"] <= step]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(out_path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys of plain values, as the trackers want it."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def print_start(lines: dict[str, str]) -> None:
+    """The start-up summary: one aligned line per item."""
+    print("\n".join(["smoltrain", *(f"  {k:<11} {v}" for k, v in lines.items())]), flush=True)
+
+
+def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [
+        f"done: step {summary['step']} in {summary['seconds']:.0f}s, train loss {fmt(summary['loss'])}, "
+        f"eval loss {fmt(summary['eval_loss'])}"
+        + (f", {summary['skipped_steps']} non-finite steps skipped" if summary["skipped_steps"] else ""),
+        f"  metrics     {out / 'metrics.jsonl'}",
+        f"  plot        {out / 'loss.png'}",
+        f"  checkpoint  {checkpoints / 'latest'}",
+    ]
+    if "final" in summary:
+        lines.append(f"  model       {summary['final']} (transformers loads it)")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,33 @@
+import pytest
+
+from smoltrain.atomic import publish_folder, write_atomic
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "state.json"
+    write_atomic(path, "old\n")
+
+    def failing_writer(p):
+        p.write_text("half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(path, failing_writer)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
+    write_atomic(path, b"new\n")
+    assert path.read_text() == "new\n"
+
+
+def test_publish_folder_replaces_or_keeps_the_winner(tmp_path):
+    first, second, final = tmp_path / "a.tmp", tmp_path / "b.tmp", tmp_path / "final"
+    for folder, text in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "f.txt").write_text(text)
+    assert publish_folder(first, final)
+    assert not publish_folder(second, final)  # a concurrent writer already published it
+    assert (final / "f.txt").read_text() == "first" and not second.exists()
+    second.mkdir()
+    (second / "f.txt").write_text("second")
+    assert publish_folder(second, final, replace=True)
+    assert (final / "f.txt").read_text() == "second"
