@@ -77,7 +77,7 @@ def cpu_training_tweaks(device_type: str, enabled: bool) -> list[str]:
     in force, for the start-up summary. They last as long as the process."""
     applied = []
     if device_type == "cpu" and enabled and keep_freed_memory():
-        applied.append("glibc keeps freed memory (mallopt)")
+        applied.append("glibc keeps freed memory (mallopt, for the rest of this process)")
     if lean_malloc_active():
         applied.append("glibc tcache off (GLIBC_TUNABLES)")
     return applied
