@@ -405,3 +405,21 @@ def test_start_summary_names_the_kernels_and_the_process_settings(tmp_path):
     result = smoltrain(*small_run_args(tmp_path, "bad", "train.kernels=fast"), check=False)
     assert result.returncode != 0 and "train.kernels 'fast' is unknown; use auto or off" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_with_eval_sample_and_checkpoint_obeys_mps_rules(tmp_path):
+    """Nothing in a training step, an eval, a sample or a checkpoint makes a float64 tensor
+    (the first eval on a Mac raised before any checkpoint was written)."""
+    from smoltrain.train import train
+
+    from .device_rules import MPSRules
+
+    cfg = small_run_config(
+        tmp_path, "schedule.max_steps=2", "log.eval_every=1", "log.sample_every=2", "log.checkpoint_every=1"
+    )
+    with MPSRules():
+        summary = train(cfg)
+    assert summary["eval_loss"] is not None and (tmp_path / "py/checkpoints/step-2/COMPLETE").is_file()
+    with pytest.raises(AssertionError, match="float64"):
+        with MPSRules():
+            torch.zeros(2, dtype=torch.float64)

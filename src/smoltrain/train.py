@@ -108,7 +108,8 @@ def evaluate(model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False
     data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
     world, rank = accelerator.num_processes, accelerator.process_index
     loader = build_loader(data_cfg, tokenizer, cfg.train.micro_batch_size, "eval", rank, world)
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens
+    # loss sum and token count in fp32: MPS has no float64 (2^24 tokens are counted exactly)
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float32)
     batches = iter(loader)
     batch = None
     for _ in range(-(-cfg.log.eval_batches // world)):
@@ -120,7 +121,7 @@ def evaluate(model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False
         with accelerator.autocast():
             loss = model(**batch, return_logits=False).loss
         n = (batch["labels"][:, 1:] != -100).sum() * weight
-        total += torch.stack([loss.double() * n, n.double()])
+        total += torch.stack([loss.float() * n, n.float()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
