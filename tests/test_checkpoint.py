@@ -1,0 +1,43 @@
+import pytest
+
+from smoltrain.checkpoint import (
+    COMPLETE,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    resolve_checkpoint_dir,
+)
+from smoltrain.errors import TrainingError
+
+
+def fake_checkpoint(root, step, complete=True):
+    folder = root / f"step-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:
+        (folder / COMPLETE).write_text(f"{step}\n")
+    return folder
+
+
+def test_resolve_accepts_what_a_user_points_at(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    step4 = fake_checkpoint(root, 4)
+    (root / "latest").write_text("step-4\n")
+    for spec in (step4, root / "latest", root, tmp_path / "run"):
+        assert resolve_checkpoint_dir(str(spec)) == step4
+    partial = fake_checkpoint(root, 6, complete=False)
+    with pytest.raises(TrainingError, match="incomplete or corrupt.*earlier checkpoints/step-N"):
+        resolve_checkpoint_dir(str(partial))
+    with pytest.raises(TrainingError, match="does not exist"):
+        resolve_checkpoint_dir(str(tmp_path / "nowhere"))
+    assert resolve_checkpoint_dir(str(partial), required=False) is None
+
+
+def test_prune_keeps_the_newest_complete_ones_and_stale_temporaries_go(tmp_path):
+    for step in (2, 4, 10, 8):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 12, complete=False)  # being written: not counted, not removed
+    (tmp_path / ".step-14.tmp").mkdir()
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-12", "step-8"]
+    remove_partial_checkpoints(tmp_path)
+    assert not (tmp_path / ".step-14.tmp").exists()
