@@ -17,12 +17,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def staging_path(final: Path) -> Path:
+    """Where this process writes `final`'s content before it is renamed into place: a hidden
+    sibling, on the same filesystem, that no other process picks."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
     """Write `path` with `content` (text, bytes, or a function that writes the file it is
     given, such as `lambda p: torch.save(obj, p)`): into a temporary file beside it, flushed
     to disk, then renamed over it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = staging_path(path)
     try:
         if isinstance(content, str):
             tmp.write_text(content)

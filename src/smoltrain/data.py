@@ -218,14 +218,14 @@ def _collect_python_docs(out_dir: str, shards: int = 8) -> None:
 
 def python_docs_dir() -> Path:
     """The `builtin:python-docs` corpus, built once per Python version and cached."""
-    from smoltrain.atomic import publish_folder
+    from smoltrain.atomic import publish_folder, staging_path
     from smoltrain.model_io import cache_dir
 
     version = f"{sys.implementation.name}-{platform.python_version()}"
     final = cache_dir() / "corpora" / f"python-docs-{version}"
     if final.is_dir():
         return final
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp = staging_path(final)
     code = f"from smoltrain.data import _collect_python_docs; _collect_python_docs({str(tmp)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:

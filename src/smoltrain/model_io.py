@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from smoltrain.atomic import publish_folder, write_atomic
+from smoltrain.atomic import publish_folder, staging_path, write_atomic
 from smoltrain.config import ModelConfig
 from smoltrain.hf import hf_state_dict, load_hf_state_dict
 from smoltrain.model import CustomLLM
@@ -154,7 +154,7 @@ def _gguf_as_hf_folder(path: Path) -> Path:
     cached = cached_conversion("models", path)
     if not (cached / "model.safetensors").is_file():
         model = _model_from_tensors(*_read_gguf(path), source=str(path))
-        tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+        tmp = staging_path(cached)
         save_model(model, tmp)
         publish_folder(tmp, cached)
     return cached

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from smoltrain.atomic import publish_folder
+from smoltrain.atomic import publish_folder, staging_path
 from smoltrain.model_io import BUNDLED_NAME, cached_conversion, resolve_checkpoint
 
 
@@ -18,7 +17,7 @@ def _gguf_tokenizer(path: Path):
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    tmp = staging_path(cached)
     tokenizer.save_pretrained(tmp)
     publish_folder(tmp, cached)
     return tokenizer

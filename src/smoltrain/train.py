@@ -314,7 +314,12 @@ class Run:
 
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        return torch_optimizer(self.optimizer)
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's wrapper (FSDP runs use it unwrapped)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def setup_run(
@@ -354,7 +359,7 @@ def setup_run(
     state = RunState()
     if resume_dir is not None:
         state = restore_checkpoint(
-            resume_dir, accelerator, raw_model, getattr(optimizer, "optimizer", optimizer), loader, cfg
+            resume_dir, accelerator, raw_model, torch_optimizer(optimizer), loader, cfg
         )
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", state.step)
