@@ -17,3 +17,24 @@ class MPSRules(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
                 raise AssertionError(f"{func} made a float64 tensor, which MPS does not have")
         return out
+
+
+class CountHostSyncs(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (`.item()`, `bool(t)`, `if t.any()`):
+    each is a sync on a GPU or MPS, where the host then waits for the device's queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def reads_cost_a_sync(monkeypatch) -> None:
+    """Make the kernels take their device path: as on a GPU, no host read is free."""
+    from smoltrain.kernels import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "host_reads_are_free", lambda device: False)

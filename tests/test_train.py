@@ -423,3 +423,47 @@ def test_a_run_with_eval_sample_and_checkpoint_obeys_mps_rules(tmp_path):
     with pytest.raises(AssertionError, match="float64"):
         with MPSRules():
             torch.zeros(2, dtype=torch.float64)
+
+
+def test_fp16_with_loss_scaling_on_cpu_survives_overflows_and_tracks_fp32(tmp_path):
+    """fp16 autocast with a GradScaler runs on CPU (it was refused: "needs CUDA"). At the
+    default scale it tracks fp32 step by step; from a scale that overflows, the overflowed
+    batches are retried at half the scale (a skipped step once crashed the next unscale),
+    the run reaches its last step and ends near fp32's loss; the scale is checkpointed."""
+    steps = ["--max-steps", "24", "log.log_every=1", "log.eval_every=100", "log.checkpoint_every=12"]
+    smoltrain(*small_run_args(tmp_path, "fp32", *steps))
+    smoltrain(*small_run_args(tmp_path, "fp16", *steps, "train.precision=fp16"))
+    overflow = smoltrain(
+        *small_run_args(tmp_path, "overflow", *steps, "train.precision=fp16", "train.loss_scale=1e9")
+    )
+    fp32, fp16, scaled = losses(tmp_path / "fp32"), losses(tmp_path / "fp16"), losses(tmp_path / "overflow")
+    assert list(fp16) == list(scaled) == list(range(1, 25))
+    for step in fp32:
+        assert abs(fp16[step] - fp32[step]) < 1e-2 * fp32[step], (step, fp16[step], fp32[step])
+    assert "fp16 gradients overflowed at loss scale 1e+09; skipped" in overflow.stderr
+    assert "fp16 overflows retried at a lower scale" in overflow.stdout
+    assert abs(scaled[24] - fp32[24]) < 0.1 * fp32[24], (scaled[24], fp32[24])
+    state = json.loads((tmp_path / "overflow/checkpoints/step-24/trainer_state.json").read_text())
+    assert 1 <= state["grad_scaler"]["scale"] < 1e9 and state["state"]["overflow_steps"] >= 5
+
+
+def test_one_host_sync_per_step_at_most(tmp_path, monkeypatch):
+    """On a GPU, every read of a device value on the host waits for the device: a step may
+    make one (the logged loss and grad norm), no micro-batch any. Counted over N and 2N
+    steps with 4 micro-batches (the chunked loss's `if underflow.any()` made 8 a step)."""
+    from smoltrain.train import run_periodic_jobs, setup_run, train_step
+
+    from .device_rules import CountHostSyncs, reads_cost_a_sync
+
+    reads_cost_a_sync(monkeypatch)
+    cfg = small_run_config(tmp_path, "train.grad_accum_steps=4", "schedule.max_steps=20", "log.log_every=1")
+    run = setup_run(cfg)
+    run_periodic_jobs(run, train_step(run))  # the first step's one-off work
+    counts = []
+    for n in (3, 6):
+        with CountHostSyncs() as syncs:
+            for _ in range(n):
+                run_periodic_jobs(run, train_step(run))
+        counts.append(syncs.count)
+    run.metrics.close()
+    assert counts[1] - counts[0] <= 3, counts

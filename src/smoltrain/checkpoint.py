@@ -33,6 +33,7 @@ class RunState:
     tokens: int = 0  # training tokens consumed, all ranks
     bad_steps: int = 0  # NaN/inf steps in a row
     skipped_steps: int = 0  # NaN/inf steps in total
+    overflow_steps: int = 0  # fp16 batches whose gradients overflowed (not counted as steps)
     elapsed: float = 0.0  # training seconds before this process
 
 
@@ -56,7 +57,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    accelerator, model, optimizer, loader, cfg: TrainConfig, state: RunState, tokenizer
+    accelerator, model, optimizer, loader, cfg: TrainConfig, state: RunState, tokenizer, scaler=None
 ) -> Path:
     """Write checkpoints/step-N atomically: everything goes to a temporary folder that is
     renamed once complete, then `latest` is replaced. A kill at any point leaves the previous
@@ -83,6 +84,8 @@ def save_checkpoint(
             raw.config.to_hf().to_json_file(tmp / "config.json")
             tokenizer.save_pretrained(tmp)
             run = {"state": asdict(state), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
+            if scaler is not None:  # fp16's loss scale and its growth counter
+                run["grad_scaler"] = scaler.state_dict()
             (tmp / "trainer_state.json").write_text(json.dumps(run, indent=2))
             (tmp / COMPLETE).write_text(f"{state.step}\n")
             publish_folder(tmp, final, replace=True)
@@ -142,7 +145,9 @@ def checkpoint_config(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())["config"]
 
 
-def restore_checkpoint(path: Path, accelerator, model, optimizer, loader, cfg: TrainConfig) -> RunState:
+def restore_checkpoint(
+    path: Path, accelerator, model, optimizer, loader, cfg: TrainConfig, scaler=None
+) -> RunState:
     """Load model, optimizer, this rank's RNG state and the data position; the run's counters
     are returned. The model config must be the checkpoint's."""
     run = json.loads((path / "trainer_state.json").read_text())
@@ -154,6 +159,8 @@ def restore_checkpoint(path: Path, accelerator, model, optimizer, loader, cfg: T
             "model config (or start a new run with model.init_from)"
         )
     load_training_state(model, optimizer, path, model.config.tie_word_embeddings)
+    if scaler is not None and "grad_scaler" in run:
+        scaler.load_state_dict(run["grad_scaler"])
     rank = accelerator.process_index
     rank_rng = path / f"rng-rank{rank}.pt"
     set_rng_state(torch.load(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt", weights_only=False))

@@ -90,7 +90,8 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
     lines = [
         f"done: step {summary['step']} in {summary['seconds']:.0f}s, train loss {fmt(summary['loss'])}, "
         f"eval loss {fmt(summary['eval_loss'])}"
-        + (f", {summary['skipped_steps']} non-finite steps skipped" if summary["skipped_steps"] else ""),
+        + (f", {summary['skipped_steps']} non-finite steps skipped" if summary["skipped_steps"] else "")
+        + (f", {n} fp16 overflows retried at a lower scale" if (n := summary.get("overflow_steps")) else ""),
         f"  metrics     {out / 'metrics.jsonl'}",
         f"  plot        {out / 'loss.png'}",
         f"  checkpoint  {checkpoints / 'latest'}",

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
+def autocast(device_type: str, precision: str):
+    """The forward's autocast: matmuls in bf16 or fp16, reductions in fp32; none in fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False) -> float:
+def evaluate(
+    model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False, precision: str = "fp32"
+) -> float:
     """Mean token loss over the first `eval_batches` batches of the held-out split, dealt out
     to the ranks and summed over all of them before dividing. Every rank runs the same number
     of forwards (a rank whose share ran out repeats a batch with weight 0), since a sharded
@@ -118,7 +127,7 @@ def evaluate(model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False
             break
         weight = 1.0 if fresh is not None else 0.0
         batch = _to_device(fresh, accelerator.device) if fresh is not None else batch
-        with accelerator.autocast():
+        with autocast(accelerator.device.type, precision):
             loss = model(**batch, return_logits=False).loss
         n = (batch["labels"][:, 1:] != -100).sum() * weight
         total += torch.stack([loss.float() * n, n.float()])
@@ -191,7 +200,7 @@ class StopRequested:
 
 def setup_accelerator(cfg: TrainConfig):
     """Device, precision and trackers. bf16 on CUDA when supported (else fp16 with loss
-    scaling), fp32 on MPS always (as the reference), bf16 autocast on CPU on request."""
+    scaling), fp32 on MPS always (as the reference), bf16 or fp16 autocast on CPU on request."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
@@ -205,8 +214,6 @@ def setup_accelerator(cfg: TrainConfig):
     if device_type == "mps" and precision != "fp32":
         print(f"note: {precision} is off on MPS (as in the reference); training in fp32", file=sys.stderr)
         precision = "fp32"
-    if precision == "fp16" and device_type != "cuda":
-        raise TrainingError("train.precision=fp16 needs CUDA; use bf16 or fp32 here")
     if precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"train.precision '{precision}' is unknown; use auto, fp32, bf16 or fp16")
     if "wandb" in cfg.log.trackers and not os.environ.get("WANDB_API_KEY"):
@@ -215,7 +222,9 @@ def setup_accelerator(cfg: TrainConfig):
         cpu=device_type == "cpu",
         # the rotary tables are buffers computed identically on every rank: no broadcast
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        mixed_precision={"fp32": "no"}.get(precision, precision),
+        # autocast and fp16's loss scaling are the loop's own (`autocast`, `Run.scaler`): one
+        # path on CUDA and CPU, where Accelerate has no fp16, so it is tested here
+        mixed_precision="no",
         log_with=list(cfg.log.trackers) or None,
         project_dir=cfg.output_dir,
         step_scheduler_with_optimizer=False,
@@ -307,6 +316,7 @@ class Run:
     peak_flops: float
     metrics: MetricsLog
     bar: Any
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaling
     window: Window = field(default_factory=Window)
     last: dict[str, float] = field(default_factory=dict)  # the latest logged figures
     start_step: int = 0
@@ -356,10 +366,11 @@ def setup_run(
     raw_model: CustomLLM = accelerator.unwrap_model(model)
     loader = build_loader(cfg.data, tokenizer, t.micro_batch_size, "train", accelerator.process_index, world)
 
+    scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     if resume_dir is not None:
         state = restore_checkpoint(
-            resume_dir, accelerator, raw_model, torch_optimizer(optimizer), loader, cfg
+            resume_dir, accelerator, raw_model, torch_optimizer(optimizer), loader, cfg, scaler
         )
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", state.step)
@@ -402,6 +413,7 @@ def setup_run(
             dynamic_ncols=True,
         ),
         start_step=state.step,
+        scaler=scaler,
     )
     if accelerator.is_main_process:
         print_start(start_summary(run, process_tweaks))
@@ -439,8 +451,11 @@ class StepResult:
 def train_step(run: Run) -> StepResult:
     """One optimizer step: gradients accumulated over `grad_accum_steps` micro-batches (synced
     across ranks on the last), clipped, applied. A non-finite loss or gradient norm skips the
-    update and counts the step; `train.max_bad_steps` of those in a row stop the run."""
-    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    update and counts the step; `train.max_bad_steps` of those in a row stop the run. Under
+    fp16, gradients that overflow halve the loss scale and the step is retried on the next
+    batches, uncounted (GradScaler's search for a scale; Megatron's policy too); overflows at
+    a scale below 1 are non-finite steps."""
+    cfg, state, accelerator, scaler = run.cfg, run.state, run.accelerator, run.scaler
     lr = lr_at(state.step + 1, cfg.optim.lr, cfg.schedule)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -449,20 +464,40 @@ def train_step(run: Run) -> StepResult:
     for micro in range(run.grad_accum_steps):
         batch = _to_device(next(run.batches), device)
         with gradient_sync(run.model, accelerator, run.fsdp, sync=micro == run.grad_accum_steps - 1):
-            with accelerator.autocast():
+            with autocast(device.type, run.precision):
                 loss = run.forward(**batch, return_logits=False).loss
-            accelerator.backward(loss / run.grad_accum_steps)
+            scaled = loss / run.grad_accum_steps
+            accelerator.backward(scaler.scale(scaled) if scaler else scaled)
         step_loss += loss.detach() / run.grad_accum_steps
+    if scaler:
+        scaler.unscale_(run.torch_optimizer)  # clipping and the norm see the true gradients
     if cfg.optim.grad_clip > 0:
         grad_norm = clip_grad_norm(run.model, accelerator, run.fsdp, cfg.optim.grad_clip)
+    elif scaler:  # not clipped, but an overflow must still be seen
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in run.model.parameters() if p.grad is not None]
+        )
     else:
         grad_norm = torch.zeros((), device=device)
     step_loss = accelerator.reduce(step_loss, reduction="mean")
     # the one host sync per step: both figures come back together
     loss_value, grad_norm_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
-    state.step += 1
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
         run.optimizer.zero_grad(set_to_none=True)
+        overflow_scale = scaler.get_scale() if scaler else 0.0
+        if scaler:
+            scaler.update()  # halves the scale; the next unscale_ needs this step's update
+        if math.isfinite(loss_value) and overflow_scale >= 1.0:
+            # GradScaler's normal search for a scale: not a step (the schedule waits for it)
+            state.overflow_steps += 1
+            if accelerator.is_main_process:
+                print(
+                    f"step {state.step + 1}: fp16 gradients overflowed at loss scale "
+                    f"{overflow_scale:g}; skipped, retried at half the scale",
+                    file=sys.stderr,
+                )
+            return StepResult(loss_value, grad_norm_value, lr, skipped=True)
+        state.step += 1
         state.bad_steps += 1
         state.skipped_steps += 1
         if accelerator.is_main_process:
@@ -471,11 +506,15 @@ def train_step(run: Run) -> StepResult:
             raise TrainingError(
                 f"{state.bad_steps} non-finite steps in a row at step {state.step}; stopping. "
                 f"The last good checkpoint is in {checkpoint_root(run.out)}; lower optim.lr or "
-                "check the data, then resume from it"
+                "check the data (under fp16, try bf16 or fp32), then resume from it"
             )
         return StepResult(loss_value, grad_norm_value, lr, skipped=True)
+    # the norm was finite, so are the gradients: step without GradScaler.step's own host sync
     run.optimizer.step()
+    if scaler:
+        scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
     state.bad_steps = 0
     state.tokens += run.tokens_per_step
     run.window.loss += loss_value
@@ -506,7 +545,7 @@ def log_progress(run: Run, result: StepResult) -> None:
 
 
 def evaluate_and_log(run: Run) -> None:
-    eval_loss = evaluate(run.model, run.accelerator, run.cfg, run.tokenizer, run.fsdp)
+    eval_loss = evaluate(run.model, run.accelerator, run.cfg, run.tokenizer, run.fsdp, run.precision)
     run.last["eval_loss"] = eval_loss
     perplexity = math.exp(min(eval_loss, 50))
     run.metrics.write(run.state.step, eval_loss=eval_loss, perplexity=perplexity)
@@ -528,7 +567,14 @@ def checkpoint_now(run: Run) -> Path:
     run.state.elapsed += now - run.segment_start
     run.segment_start = now
     return save_checkpoint(
-        run.accelerator, run.model, run.torch_optimizer, run.loader, run.cfg, run.state, run.tokenizer
+        run.accelerator,
+        run.model,
+        run.torch_optimizer,
+        run.loader,
+        run.cfg,
+        run.state,
+        run.tokenizer,
+        run.scaler,
     )
 
 
@@ -566,6 +612,7 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "eval_loss": run.last.get("eval_loss"),
         "seconds": state.elapsed,
         "skipped_steps": state.skipped_steps,
+        "overflow_steps": state.overflow_steps,
         "output_dir": str(out),
         "interrupted": interrupted,
     }

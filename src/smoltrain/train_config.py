@@ -63,6 +63,7 @@ class TrainLoopConfig:
     fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2)
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
+    loss_scale: float = 65536.0  # fp16: GradScaler's initial scale (halved at each overflow)
     mps_empty_cache_every: int = 50  # release cached MPS memory every N steps (0: never)
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: measured once
 

@@ -107,3 +107,45 @@ def test_chunked_loss_head_equals_the_plain_head():
     assert torch.allclose(plain, chunked, rtol=1e-5)
     for a, b in zip(g_plain, g_chunked, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_the_device_path_is_exact_for_underflowing_targets_without_a_host_sync(monkeypatch, chunk_size):
+    """Off CPU, rows whose p(target) underflows to 0 get their exact loss with no host sync
+    (`if underflow.any()` in every chunk was 8 syncs a step at 4 micro-batches)."""
+    from tests.device_rules import CountHostSyncs, reads_cost_a_sync
+
+    hidden, weight, labels = loss_inputs(50, ignore_every=7)
+    with torch.no_grad():
+        weight[labels[1]] -= 40 * hidden[1]  # row 1's target: p ~ exp(-2000) = 0 in fp32
+    plain = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)
+    g_plain = torch.autograd.grad(plain * 3, (hidden, weight))
+    reads_cost_a_sync(monkeypatch)
+    with CountHostSyncs() as syncs:
+        chunked = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
+        g_chunked = torch.autograd.grad(chunked * 3, (hidden, weight))
+    assert syncs.count == 0
+    assert plain > 30 and torch.allclose(plain, chunked, rtol=1e-5)
+    for a, b in zip(g_plain, g_chunked, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fp16_gradients_keep_their_precision_below_the_loss_scale():
+    """Under fp16 autocast the gradients made in forward are 1/N-scaled before the loss scale
+    multiplies them in backward: kept in fp16 they were subnormal (a quarter of their bits
+    gone, or zero); summed in fp32 they match the fp32 loss's gradients to fp16's precision."""
+    torch.manual_seed(0)
+    tokens = 4096
+    hidden = torch.randn(tokens, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 1e-3).requires_grad_()
+    labels = torch.randint(0, 300, (tokens,))
+    scale = 2.0**16  # GradScaler's initial scale
+    reference = torch.autograd.grad(
+        chunked_linear_cross_entropy(hidden, weight, labels) * scale, (hidden, weight)
+    )
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=512)
+    grads = torch.autograd.grad(loss * scale, (hidden, weight))
+    for ref, got in zip(reference, grads, strict=True):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert (got - ref).norm() / ref.norm() < 5e-3, (got - ref).norm() / ref.norm()

@@ -22,14 +22,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_grad_hidden, need_grad_weight = ctx.needs_input_grad[:2]
         valid_all = labels != IGNORE_INDEX
         n_valid = valid_all.sum().clamp(min=1)
+        # fp16's range: gradients scaled by 1 / n_valid before the loss scale multiplies them
+        # (in backward) would underflow, so under fp16 the matmuls' products are summed in fp32
+        # and the mean's factor is applied there; bf16 and fp32 have fp32's range.
+        fp32_grads = compute_dtype == torch.float16
+        grad_dtype = torch.float32 if fp32_grads else compute_dtype
         # Each token's gradient is scaled by 1 / n_valid (the mean) and zeroed where ignored;
         # both are folded into a per-token factor on the (n, H) side, so neither costs a pass
-        # over the (V, H) or (n, V) buffers.
-        token_scale = (valid_all / n_valid).to(compute_dtype)[:, None]  # (N, 1)
+        # over the (V, H) or (n, V) buffers. Under fp16 the (n, H) side is only masked (0 or 1).
+        token_scale = (valid_all / n_valid)[:, None]  # (N, 1), fp32
+        side_scale = (valid_all[:, None] if fp32_grads else token_scale).to(compute_dtype)
+        read_freely = host_reads_are_free(hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-        # the head's gradient, summed over chunks in the compute dtype inside the matmuls
-        # (addmm); cast to the weight's dtype once, in backward
+        grad_hidden = (
+            torch.empty_like(hidden, dtype=_wider(hidden.dtype, grad_dtype)) if need_grad_hidden else None
+        )
+        # the head's gradient, summed over chunks inside the matmuls (addmm) or, under fp16, in
+        # fp32; cast to the weight's dtype once, in backward
         grad_weight = None
         w = weight.to(compute_dtype)
         for start in range(0, hidden.shape[0], chunk_size):
@@ -38,15 +47,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = valid_all[start : start + chunk_size]
             y_safe = torch.where(valid, y, 0)
             logits = (h @ w.T).float()  # (n, V)
+            rows = torch.arange(len(y), device=y.device)
+            if not read_freely:  # kept for the exact loss of rows whose p(target) underflows
+                logit_max = logits.amax(-1)
+                logit_target = logits[rows, y_safe]
             # softmax is one fused pass; it is also d(sum of losses)/d(logits) once the
             # target's 1 is subtracted, so the loss comes from it too: -log p(target).
             probs = softmax_in_place(logits)
             del logits
-            rows = torch.arange(len(y), device=y.device)
             p_target = probs[rows, y_safe]
             token_loss = -torch.log(p_target)
-            underflow = p_target == 0  # p < 1e-38: recompute those rows exactly
-            if underflow.any():
+            underflow = p_target == 0  # p < 1e-38: those rows' loss exactly
+            if not read_freely:
+                # log-sum-exp = max - log p(max), and p(max) >= 1 / V never underflows: exact
+                # for every row with no host sync (`if underflow.any()` waits for the device)
+                exact = logit_max - torch.log(probs.amax(-1)) - logit_target
+                token_loss = torch.where(underflow, exact, token_loss)
+            elif underflow.any():  # on CPU reading a flag costs nothing: recompute the few rows
                 exact = hidden[start : start + chunk_size][underflow].to(compute_dtype) @ w.T
                 exact = exact.float()
                 token_loss[underflow] = (
@@ -63,20 +80,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # Ignored positions pass no gradient: their rows of `grad` are left as they are
             # and scaled by 0 on the (n, H) side (zeroing them in the (n, V) buffer was a
             # full pass over it, 20 ms of a 3.5 s 135M bf16 step).
-            scale = token_scale[start : start + chunk_size]
+            scale = side_scale[start : start + chunk_size]
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_size] = ((grad @ w) * scale).to(hidden.dtype)
+                part = grad @ w
+                part = part.float() * token_scale[start : start + chunk_size] if fp32_grads else part * scale
+                grad_hidden[start : start + chunk_size] = part
             if need_grad_weight:
                 h = h * scale
                 if grad_weight is None:
-                    grad_weight = grad.T @ h
+                    grad_weight = (grad.T @ h).to(grad_dtype)
+                elif fp32_grads:
+                    grad_weight += grad.T @ h
                 else:
                     grad_weight.addmm_(grad.T, h)  # accumulate inside the matmul: no (V x H) temporary
             del grad  # before the next chunk's logits: one (n, V) buffer less at the peak
         if need_grad_weight and grad_weight is None:  # no tokens at all
-            grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
+            grad_weight = torch.zeros(weight.shape, dtype=grad_dtype, device=weight.device)
+        elif fp32_grads and need_grad_weight:
+            grad_weight /= n_valid
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.dtypes = hidden.dtype, weight.dtype
         return loss / n_valid
 
     @staticmethod
@@ -85,14 +108,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Scaled in place unless the graph is kept for another backward: a copy of the
         # (V x H) buffer here, with every activation still alive, raised the step's peak by
         # 113 MB (135M fp32). A plain backward passes 1.0, which needs no pass at all.
+        # Under fp16 the saved gradients are fp32: scaled first (by the loss scale, in
+        # grad_output), then cast, so the cast cannot underflow them.
         in_place = not _graph_is_kept()
         unit = _is_one(grad_output)
+        hidden_dtype, weight_dtype = ctx.dtypes
         if grad_hidden is not None:
-            grad_hidden = _scaled(grad_hidden, grad_output, unit, in_place)
+            grad_hidden = _scaled(grad_hidden, grad_output, unit, in_place).to(hidden_dtype)
         if grad_weight is not None:
-            fresh = grad_weight.dtype != ctx.weight_dtype
-            grad_weight = grad_weight.to(ctx.weight_dtype)
-            grad_weight = _scaled(grad_weight, grad_output, unit, in_place or fresh)
+            grad_weight = _scaled(grad_weight, grad_output, unit, in_place).to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -105,10 +129,20 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, unit: bool, in_place:
     return grad.mul_(scale) if in_place else grad * scale
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing: on CPU the value is there;
+    on a GPU or MPS it waits for the device's queue to drain (a host sync)."""
+    return device.type == "cpu"
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if a.itemsize >= b.itemsize else b
+
+
 def _is_one(t: torch.Tensor) -> bool:
-    """Whether the scalar `t` is exactly 1, asked only on CPU: elsewhere the answer would
-    wait for the device, so the caller multiplies anyway."""
-    return t.device.type == "cpu" and t.numel() == 1 and t.item() == 1.0
+    """Whether the scalar `t` is exactly 1, asked only where that is free: elsewhere the
+    answer would wait for the device, so the caller multiplies anyway."""
+    return host_reads_are_free(t.device) and t.numel() == 1 and t.item() == 1.0
 
 
 def _graph_is_kept() -> bool:
