@@ -113,3 +113,33 @@ def test_fsdp_follows_the_one_process_trajectory_and_resumes_on_one(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(one, losses(tmp_path / "fsdp-resume"), range(1, 11))
     assert (tmp_path / "fsdp-resume/final/model.safetensors").is_file()
+
+
+LOCAL_FOLDERS = """
+import os, sys
+from smoltrain.cli import main
+# each rank its own output folder and checkpoint path: nodes that share no filesystem
+rank = os.environ["RANK"]
+args = [a.replace("NODE", f"node{rank}") for a in sys.argv[1:]]
+main(["train", *args])
+"""
+
+
+def test_checkpoints_without_a_shared_filesystem(tmp_path):
+    """Two ranks whose output folders are different local paths: rank 0 writes the whole
+    checkpoint, the other rank's RNG state included, rank 1 writes none (it wrote into a
+    folder only rank 0 had made, and failed), and the resume reads it on rank 0 alone."""
+    script = tmp_path / "local.py"
+    script.write_text(LOCAL_FOLDERS)
+    assert launch(1, *run_args(tmp_path, "straight")).returncode == 0
+    args = run_args(tmp_path, "NODE", "--stop-at-step", "5")
+    started = launch(2, *args, script=str(script))
+    assert started.returncode == 0, started.stderr[-3000:]
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    checkpoint = node0 / "checkpoints/step-5"
+    assert (checkpoint / "COMPLETE").is_file() and (checkpoint / "rng-rank1.pt").is_file()
+    assert not (node1 / "checkpoints").exists() or not any((node1 / "checkpoints").iterdir())
+    resumed = launch(2, "--phase", "resume", "--checkpoint", str(tmp_path / "NODE"), script=str(script))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(losses(tmp_path / "straight"), losses(node0), range(1, 11))
+    assert (node0 / "final/model.safetensors").is_file()

@@ -20,7 +20,13 @@ import torch
 
 from smoltrain.atomic import publish_folder, write_atomic
 from smoltrain.errors import TrainingError
-from smoltrain.parallel import load_training_state, save_training_state
+from smoltrain.parallel import (
+    broadcast_object,
+    gather_objects,
+    load_training_state,
+    save_training_state,
+    scatter_objects,
+)
 from smoltrain.train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -61,26 +67,31 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoints/step-N atomically: everything goes to a temporary folder that is
     renamed once complete, then `latest` is replaced. A kill at any point leaves the previous
-    checkpoint and `latest` intact; a full disk raises and removes the partial folder.
-    Every rank calls it (the full state is gathered)."""
+    checkpoint and `latest` intact; a full disk raises on every rank and removes the partial
+    folder. Every rank calls it; rank 0 writes every file, the other ranks' RNG and data
+    states included (sent to it), so nodes that share no filesystem write nothing."""
     root = checkpoint_root(cfg.output_dir)
     final = root / f"step-{state.step}"
     tmp = root / f".step-{state.step}.tmp"
-    rank, is_main = accelerator.process_index, accelerator.is_main_process
+    is_main = accelerator.is_main_process
+    per_rank_data = cfg.data.rank_split == "document"  # else one global position, rank 0's
+    ranks = gather_objects(
+        {"rng": rng_state(), "data": loader.state_dict() if per_rank_data else None}, accelerator
+    )
+    raw = accelerator.unwrap_model(model)
+    error = None
     try:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        raw = accelerator.unwrap_model(model)
-        save_training_state(raw, optimizer, tmp, is_main, raw.config.tie_word_embeddings)
-        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-        if cfg.data.rank_split == "document":  # one position per rank
-            torch.save(loader.state_dict(), tmp / f"data-rank{rank}.pt")
-        elif is_main:  # one global position, the same on every rank
-            torch.save(loader.state_dict(), tmp / "data.pt")
-        accelerator.wait_for_everyone()
+        save_training_state(raw, optimizer, tmp, is_main, raw.config.tie_word_embeddings)  # gathers
         if is_main:
+            for rank, part in enumerate(ranks):
+                torch.save(part["rng"], tmp / f"rng-rank{rank}.pt")
+                if per_rank_data:
+                    torch.save(part["data"], tmp / f"data-rank{rank}.pt")
+            if not per_rank_data:
+                torch.save(loader.state_dict(), tmp / "data.pt")
             raw.config.to_hf().to_json_file(tmp / "config.json")
             tokenizer.save_pretrained(tmp)
             run = {"state": asdict(state), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
@@ -91,15 +102,17 @@ def save_checkpoint(
             publish_folder(tmp, final, replace=True)
             write_atomic(root / "latest", final.name + "\n")
             prune_checkpoints(root, cfg.log.keep_checkpoints)
-        accelerator.wait_for_everyone()
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         latest = resolve_checkpoint_dir(str(root), required=False)
-        raise TrainingError(
+        error = (
             f"could not write checkpoint step-{state.step}: {e}. "
             f"The previous checkpoint ({latest or 'none'}) is intact; free disk space and resume "
             f"with --phase resume --checkpoint {root / 'latest'}"
-        ) from e
+        )
+    error = broadcast_object(error, accelerator)  # every rank stops, none waits on rank 0
+    if error:
+        raise TrainingError(error)
     return final
 
 
@@ -146,34 +159,61 @@ def checkpoint_config(path: Path) -> dict:
 
 
 def restore_checkpoint(
-    path: Path, accelerator, model, optimizer, loader, cfg: TrainConfig, scaler=None
+    path: Path | None, accelerator, model, optimizer, loader, cfg: TrainConfig, scaler=None
 ) -> RunState:
-    """Load model, optimizer, this rank's RNG state and the data position; the run's counters
-    are returned. The model config must be the checkpoint's."""
-    run = json.loads((path / "trainer_state.json").read_text())
-    saved_model = run["config"]["model"]
-    if (saved_model["preset"], saved_model["overrides"]) != (cfg.model.preset, cfg.model.overrides):
-        raise TrainingError(
-            f"checkpoint {path} was trained with model {saved_model['preset']} {saved_model['overrides']} "
-            f"but the config asks for {cfg.model.preset} {cfg.model.overrides}; resume with the same "
-            "model config (or start a new run with model.init_from)"
-        )
-    load_training_state(model, optimizer, path, model.config.tie_word_embeddings)
+    """Load model, optimizer, each rank's RNG state and data position, and fp16's loss scale;
+    the run's counters are returned. The model config must be the checkpoint's. Rank 0 reads
+    the checkpoint (`path` is None on the other ranks) and sends each rank its part."""
+    world = accelerator.num_processes
+    parts = None
+    if accelerator.is_main_process:
+        run = json.loads((path / "trainer_state.json").read_text())
+        saved = run["config"]["model"]
+        error = None
+        if (saved["preset"], saved["overrides"]) != (cfg.model.preset, cfg.model.overrides):
+            error = (
+                f"checkpoint {path} was trained with model {saved['preset']} {saved['overrides']} "
+                f"but the config asks for {cfg.model.preset} {cfg.model.overrides}; resume with the same "
+                "model config (or start a new run with model.init_from)"
+            )
+        parts = [
+            {"run": run, "error": error, **_rank_part(path, rank, world, run, cfg)} for rank in range(world)
+        ]
+        if any(p["data"] is None for p in parts):
+            print(
+                f"note: the data position of {path} was saved per rank by {run.get('world_size')} "
+                f"process(es) (data.rank_split=document); this run has {world}, "
+                "so the stream starts over (data.rank_split=micro_batch resumes on any count)",
+                file=sys.stderr,
+            )
+    part = scatter_objects(parts, accelerator)
+    if part["error"]:
+        raise TrainingError(part["error"])
+    run = part["run"]
+    load_training_state(
+        model,
+        optimizer,
+        path if accelerator.is_main_process else None,
+        model.config.tie_word_embeddings,
+        world > 1,
+    )
+    set_rng_state(part["rng"])
+    if part["data"] is not None:
+        loader.load_state_dict(part["data"])
     if scaler is not None and "grad_scaler" in run:
         scaler.load_state_dict(run["grad_scaler"])
-    rank = accelerator.process_index
-    rank_rng = path / f"rng-rank{rank}.pt"
-    set_rng_state(torch.load(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt", weights_only=False))
-    global_state, rank_state = path / "data.pt", path / f"data-rank{rank}.pt"
-    if cfg.data.rank_split == "micro_batch" and global_state.is_file():
-        loader.load_state_dict(torch.load(global_state, weights_only=False))
-    elif rank_state.is_file() and run.get("world_size", 1) == accelerator.num_processes:
-        loader.load_state_dict(torch.load(rank_state, weights_only=False))
-    elif accelerator.is_main_process:
-        print(
-            f"note: the data position of {path} was saved per rank by {run.get('world_size')} "
-            f"process(es) (data.rank_split=document); this run has {accelerator.num_processes}, "
-            "so the stream starts over (data.rank_split=micro_batch resumes on any count)",
-            file=sys.stderr,
-        )
     return RunState(**run["state"])
+
+
+def _rank_part(path: Path, rank: int, world: int, run: dict, cfg: TrainConfig) -> dict:
+    """Rank `rank`'s RNG state (rank 0's when the checkpoint had fewer ranks) and data
+    position (None: the stream starts over)."""
+    rank_rng = path / f"rng-rank{rank}.pt"
+    rng = torch.load(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt", weights_only=False)
+    global_state, rank_state = path / "data.pt", path / f"data-rank{rank}.pt"
+    data = None
+    if cfg.data.rank_split == "micro_batch" and global_state.is_file():
+        data = torch.load(global_state, weights_only=False)
+    elif rank_state.is_file() and run.get("world_size", 1) == world:
+        data = torch.load(rank_state, weights_only=False)
+    return {"rng": rng, "data": data}

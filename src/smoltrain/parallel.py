@@ -4,7 +4,8 @@ DDP comes from `accelerator.prepare`; FSDP is torch.distributed's FSDP2 (`fully_
 applied here with the decoder layer as the unit (Accelerate only offers FSDP on accelerators;
 this path runs on CPU with gloo as well, so it is tested here). Checkpoints hold *full* state
 dicts (torch.distributed.checkpoint's `get_state_dict`), keyed by parameter name, so a run
-saved by N processes, sharded or not, resumes on M.
+saved by N processes, sharded or not, resumes on M. Rank 0 alone reads and writes them,
+so nodes need not share a filesystem.
 """
 
 from __future__ import annotations
@@ -18,6 +19,35 @@ from safetensors.torch import load_file, save_file
 from smoltrain.model import CustomLLM
 
 _FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+def gather_objects(obj, accelerator) -> list | None:
+    """Every rank's picklable `obj`, as a list on rank 0 (None elsewhere)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def scatter_objects(objects: list | None, accelerator):
+    """objects[r] to rank r, from the list that rank 0 holds (None elsewhere)."""
+    if accelerator.num_processes == 1:
+        return objects[0]
+    import torch.distributed as dist
+
+    received = [None]
+    dist.scatter_object_list(received, objects if accelerator.is_main_process else None, src=0)
+    return received[0]
+
+
+def broadcast_object(obj, accelerator):
+    """Rank 0's picklable `obj` on every rank."""
+    return scatter_objects(
+        [obj] * accelerator.num_processes if accelerator.is_main_process else None, accelerator
+    )
 
 
 def shard_model(model: CustomLLM, device: torch.device) -> CustomLLM:
@@ -67,17 +97,24 @@ def full_model_state(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(**_FULL))
 
 
-def load_training_state(model, optimizer, folder: Path, tied: bool) -> None:
+def load_training_state(model, optimizer, folder: Path | None, tied: bool, broadcast: bool) -> None:
+    """Load what `save_training_state` wrote into a model and optimizer, plain or sharded.
+    With `broadcast` only rank 0 reads `folder` (None on the other ranks) and sends each
+    tensor to the others: no rank but the first needs the files, nor their memory at once."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model_state = load_file(folder / "model.safetensors")
-    if tied:
-        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
-    optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    # torch reads an empty model dict as "optimizer only" and skips the model's broadcast:
+    # the other ranks pass their own state as the (unread) placeholder
+    model_state, optim_state = model.state_dict(), {}
+    if folder is not None:
+        model_state = load_file(folder / "model.safetensors")
+        if tied:
+            model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+        optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
     set_state_dict(
         model,
         optimizer,
         model_state_dict=model_state,
         optim_state_dict=optim_state,
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
     )

@@ -45,7 +45,7 @@ from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import MetricsLog, flatten, plot_losses, print_end, print_start, truncate_metrics
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
-from smoltrain.parallel import clip_grad_norm, full_model_state, gradient_sync, shard_model
+from smoltrain.parallel import broadcast_object, clip_grad_norm, full_model_state, gradient_sync, shard_model
 from smoltrain.perf import cpu_training_tweaks
 from smoltrain.train_config import ScheduleConfig, TrainConfig, load_config
 
@@ -199,27 +199,14 @@ class StopRequested:
 
 
 def setup_accelerator(cfg: TrainConfig):
-    """Device, precision and trackers. bf16 on CUDA when supported (else fp16 with loss
-    scaling), fp32 on MPS always (as the reference), bf16 or fp16 autocast on CPU on request."""
+    """The device, the process group and the trackers."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    t = cfg.train
-    device_type = pick_device(t.device)
-    precision = t.precision
-    if precision == "auto":
-        precision = (
-            ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
-        )
-    if device_type == "mps" and precision != "fp32":
-        print(f"note: {precision} is off on MPS (as in the reference); training in fp32", file=sys.stderr)
-        precision = "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise TrainingError(f"train.precision '{precision}' is unknown; use auto, fp32, bf16 or fp16")
     if "wandb" in cfg.log.trackers and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally, sync later
-    accelerator = Accelerator(
-        cpu=device_type == "cpu",
+    return Accelerator(
+        cpu=pick_device(cfg.train.device) == "cpu",
         # the rotary tables are buffers computed identically on every rank: no broadcast
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         # autocast and fp16's loss scaling are the loop's own (`autocast`, `Run.scaler`): one
@@ -229,8 +216,32 @@ def setup_accelerator(cfg: TrainConfig):
         project_dir=cfg.output_dir,
         step_scheduler_with_optimizer=False,
     )
-    set_seed(t.seed)
-    return accelerator, precision
+
+
+def pick_precision(precision: str, device_type: str) -> str:
+    """bf16 on CUDA when supported (else fp16 with loss scaling), fp32 on MPS always (as the
+    reference), bf16 or fp16 autocast on CPU on request."""
+    if precision == "auto":
+        precision = (
+            ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
+        )
+    if device_type == "mps" and precision != "fp32":
+        print(f"note: {precision} is off on MPS (as in the reference); training in fp32", file=sys.stderr)
+        precision = "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise TrainingError(f"train.precision '{precision}' is unknown; use auto, fp32, bf16 or fp16")
+    return precision
+
+
+def agree_on_config(cfg: TrainConfig, accelerator) -> TrainConfig:
+    """Every rank trains with rank 0's config (on a resume, only rank 0 may hold the
+    checkpoint it comes from); each keeps its own output folder, a local path on nodes that
+    share no filesystem."""
+    if accelerator.num_processes == 1:
+        return cfg
+    agreed = load_config(base=broadcast_object(cfg.to_dict(), accelerator))
+    agreed.output_dir = cfg.output_dir
+    return agreed
 
 
 def prepare_output_dir(cfg: TrainConfig, phase: str, overwrite: bool) -> Path:
@@ -342,14 +353,20 @@ def setup_run(
     """Build everything a run needs (the output folder, the accelerator, tokenizer, model
     with its kernels, optimizer, data, the restored checkpoint), print the start-up summary
     and return it as a `Run`."""
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from smoltrain.tokenizer import load_tokenizer
 
-    resume_dir = resolve_checkpoint_dir(checkpoint) if phase == "resume" else None
     out = prepare_output_dir(cfg, phase, overwrite)
-    accelerator, precision = setup_accelerator(cfg)
+    accelerator = setup_accelerator(cfg)
+    cfg = agree_on_config(cfg, accelerator)
+    # rank 0 reads the checkpoint and sends each rank its part
+    resume = phase == "resume"
+    resume_dir = resolve_checkpoint_dir(checkpoint) if resume and accelerator.is_main_process else None
     device, world, t = accelerator.device, accelerator.num_processes, cfg.train
+    precision = pick_precision(t.precision, device.type)
+    set_seed(t.seed)
     process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc)
     tokenizer = load_tokenizer(cfg.tokenizer)
     model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
@@ -368,14 +385,14 @@ def setup_run(
 
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
-    if resume_dir is not None:
+    if resume:
         state = restore_checkpoint(
             resume_dir, accelerator, raw_model, torch_optimizer(optimizer), loader, cfg, scaler
         )
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", state.step)
     end_step, log_every = cfg.schedule.max_steps, cfg.log.log_every
-    if phase == "resume" and state.step >= cfg.schedule.max_steps:
+    if resume and state.step >= cfg.schedule.max_steps:
         end_step = state.step + cfg.resume.extra_steps  # the reference's phase "resume"
         log_every = cfg.resume.log_every
     if stop_at_step is not None:
@@ -663,13 +680,22 @@ def config_for_cli(
             raise TrainingError(
                 "--phase resume needs --checkpoint DIR (a step-N folder, run folder or latest)"
             )
-        ckpt = resolve_checkpoint_dir(checkpoint)
-        base = checkpoint_config(ckpt)
+        # rank 0 must hold the checkpoint; a node that does not is sent rank 0's config at set-up
+        ckpt = resolve_checkpoint_dir(checkpoint, required=os.environ.get("RANK", "0") == "0")
+        base = checkpoint_config(ckpt) if ckpt else None
+        run_folder = ckpt.parent.parent if ckpt else _run_folder(Path(checkpoint))
         if flags.get("output_dir") is None:
-            flags = {**flags, "output_dir": str(ckpt.parent.parent)}
+            flags = {**flags, "output_dir": str(run_folder)}
     # flags win over the file and the dotted overrides
     dotted = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
     return load_config(config_path, [*overrides, *dotted], base=base)
+
+
+def _run_folder(spec: Path) -> Path:
+    """The run folder a checkpoint spec (run folder, checkpoints/, latest or step-N) names."""
+    if spec.name == "latest" or spec.name.startswith("step-"):
+        spec = spec.parent
+    return spec.parent if spec.name == CHECKPOINTS else spec
 
 
 _FLAG_KEYS = {  # CLI flag -> config key
