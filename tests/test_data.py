@@ -62,21 +62,27 @@ def test_packing_keeps_every_token_once(corpus, smollm2_tokenizer):
 
 
 def test_document_mask_isolates_documents(corpus, smollm2_tokenizer):
+    """The batch carries (B, T) document ids, not a (B, 1, T, T) mask built on the host; the
+    model's mask from them gives every packed document the logits it gives alone."""
+    from smoltrain.model import build_attention_mask
+
     cfg = DataConfig(
         source=str(corpus), context_length=96, shuffle_buffer=0, eval_every=NEVER, document_mask=True
     )
     loader = build_loader(cfg, smollm2_tokenizer, batch_size=2)
     batch = next(iter(loader))
-    mask = batch["attention_mask"]
-    assert mask.shape == (2, 1, 96, 96)
+    assert "attention_mask" not in batch and batch["document_ids"].shape == (2, 96)
     torch.manual_seed(0)
     model = CustomLLM(micro_config(vocab_size=49152)).eval()
     with torch.no_grad():
-        packed = model(batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+        packed = model(
+            batch["input_ids"], document_ids=batch["document_ids"], position_ids=batch["position_ids"]
+        ).logits
     # every document inside the first row gives the logits it gives alone
     ids, pos = batch["input_ids"][0], batch["position_ids"][0]
     starts = (pos == 0).nonzero().flatten().tolist() + [96]
     assert len(starts) > 2
+    mask = build_attention_mask(None, 0, 96, None, torch.device("cpu"), batch["document_ids"])
     for a, b in zip(starts, starts[1:], strict=False):
         with torch.no_grad():
             alone = model(ids[a:b][None]).logits[0]
@@ -96,9 +102,20 @@ def test_pad_mode_reproduces_data_collator(corpus, smollm2_tokenizer):
         rows += [ids[i : i + 32] for i in range(0, len(ids), 32)]  # long documents are split
     collator = DataCollatorForLanguageModeling(smollm2_tokenizer, mlm=False)
     expected = collator([{"input_ids": r} for r in rows[:4]])
-    assert set(batch) == set(expected)
-    for key in expected:
+    # the same rows, padded on the right; no mask: causal attention never looks right
+    assert set(batch) == set(expected) - {"attention_mask"}
+    for key in batch:
         assert torch.equal(batch[key], expected[key]), key
+    torch.manual_seed(0)
+    model = CustomLLM(micro_config(vocab_size=49152)).eval()
+    with torch.no_grad():
+        masked = model(
+            expected["input_ids"], attention_mask=expected["attention_mask"], labels=batch["labels"]
+        )
+        plain = model(batch["input_ids"], labels=batch["labels"])
+    real = expected["attention_mask"].bool()
+    assert torch.allclose(masked.logits[real], plain.logits[real], atol=1e-5)
+    assert torch.allclose(masked.loss, plain.loss, atol=1e-6)
 
 
 def take(iterator, n):

@@ -401,27 +401,30 @@ def _tuplify(x):
 # ---------------------------------------------------------------------------- batching
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, 1, T, T) boolean mask: causal, and only within a document."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (causal & same_doc)[:, None]
-
-
 def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Batches that keep attention plain causal wherever that is exact, so that SDPA runs its
+    flash kernels: padding goes on the right, where no real token looks (its labels are
+    -100), so pad mode needs no mask; document masking sends (B, T) document ids, from which
+    the model builds its mask on the device (a FlexAttention block mask on CUDA)."""
     if cfg.mode == "pad":
         from transformers import DataCollatorForLanguageModeling
 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        tokenizer.padding_side = "right"
+        pad = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+        def collate_rows(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            batch = pad(examples)
+            del batch["attention_mask"]  # right padding under causal attention: nothing to hide
+            return dict(batch)
+
+        return collate_rows
 
     def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "labels", "position_ids")}
-        doc_ids = torch.stack([e["doc_ids"] for e in examples])
         if cfg.document_mask:
-            batch["attention_mask"] = document_causal_mask(doc_ids)
+            batch["document_ids"] = torch.stack([e["doc_ids"] for e in examples])
         return batch
 
     return collate_blocks

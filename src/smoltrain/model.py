@@ -197,6 +197,8 @@ class Attention(nn.Module):
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
+        if hasattr(mask, "attend"):  # a kernel's mask runs its own attention (kernels/flex_attention)
+            return mask.attend(q, k, v, enable_gqa=self.n_heads != self.n_kv_heads)
         # A mask disables the fast causal kernels, so the caller passes one only when it
         # says something beyond causality (see build_attention_mask).
         is_causal = mask is None and k.shape[2] == q.shape[2]
@@ -250,14 +252,17 @@ def build_attention_mask(
     query_length: int,
     sliding_window: int | None,
     device: torch.device,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S), True where a query may attend to a key, or None when
     plain causal attention says it all. Combines causality, the 0/1 padding mask over all S
-    positions (left or right padding) and the sliding window."""
+    positions (left or right padding), the sliding window and, for packed documents, their
+    (B, T) ids: a token sees its own document only."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.bool()  # already a full mask, e.g. document-causal packing
+        return attention_mask.bool()  # already a full mask
     key_length = past_length + query_length
-    if attention_mask is None and sliding_window is None and (past_length == 0 or query_length == 1):
+    plain_causal = attention_mask is None and document_ids is None and sliding_window is None
+    if plain_causal and (past_length == 0 or query_length == 1):
         return None
     q_pos = torch.arange(past_length, key_length, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(key_length, device=device)[None, :]  # (1, S)
@@ -272,6 +277,8 @@ def build_attention_mask(
                 f"input hold {key_length}; pass the mask of the whole sequence so far"
             )
         allowed = allowed & attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     # A query on a padding position may see no key at all; SDPA would return NaN there.
     # Let such rows attend everywhere: their outputs are never used (as transformers does).
     return allowed | ~allowed.any(dim=-1, keepdim=True)
@@ -329,11 +336,14 @@ class CustomLLM(nn.Module):
         logits_to_keep: int = 0,
         return_logits: bool = True,
         cache_position: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, T). attention_mask: 0/1 (B, S) over the cache and the input, or a
-        boolean (B, 1, T, S) mask. labels (B, T) are shifted inside, -100 ignored; the loss
-        is `lm_head.loss`, computed apart from the logits. logits_to_keep=k keeps the logits
-        of the last k positions only (0: all); return_logits=False skips them (training).
+        boolean (B, 1, T, S) mask. document_ids (B, T): packed documents' ids, attention
+        stays within each (smoltrain.data's document_mask). labels (B, T) are shifted inside,
+        -100 ignored; the loss is `lm_head.loss`, computed apart from the logits.
+        logits_to_keep=k keeps the logits of the last k positions only (0: all);
+        return_logits=False skips them (training).
         cache_position (T,): the cache slots to write, for a step with fixed shapes that
         torch.compile captures once (see smoltrain.generate); the caller then passes
         position_ids and the boolean mask over the cache's whole capacity, and advances it."""
@@ -356,7 +366,7 @@ class CustomLLM(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
             if cache is not None:
                 cache.reserve(T)
-            mask = build_attention_mask(attention_mask, past, T, self.config.sliding_window, input_ids.device)
+            mask = self.attention_mask(attention_mask, document_ids, past, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B, 1, T, hd)
@@ -376,6 +386,14 @@ class CustomLLM(nn.Module):
             # Predict token t+1 from position t: shift the labels left, the last one ignored.
             loss = self.lm_head.loss(x, F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:])
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    def attention_mask(
+        self, attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None, past: int, T: int
+    ) -> torch.Tensor | None:
+        """What every layer's attention is given: a boolean mask built on the model's device,
+        or None for plain causal attention."""
+        device, window = self.embed_tokens.weight.device, self.config.sliding_window
+        return build_attention_mask(attention_mask, past, T, window, device, document_ids)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Prompt followed by new tokens; see `smoltrain.generate.generate` for the arguments."""

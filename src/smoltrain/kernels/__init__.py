@@ -18,6 +18,7 @@ from torch import nn
 
 from smoltrain.kernels.chunked_loss import ChunkedLossHead
 from smoltrain.kernels.cpu_attention import TrainingAttention
+from smoltrain.kernels.flex_attention import FlexMaskLLM
 from smoltrain.kernels.gated_mlp import TrainingMLP
 from smoltrain.kernels.rms_norm import LeanRMSNorm
 from smoltrain.model import MLP, Attention, CustomLLM, LMHead, RMSNorm
@@ -30,6 +31,7 @@ KERNELS: dict[str, tuple[type[nn.Module], type[nn.Module], str]] = {
     "mlp": (MLP, TrainingMLP, "gate/up joined under autocast, product recomputed in backward"),
     "attention": (Attention, TrainingAttention, "q/k/v joined under autocast; CPU bf16: batched matmuls"),
     "rms_norm": (RMSNorm, LeanRMSNorm, "fp32 on CPU keeps input and inverse RMS only"),
+    "document_mask": (CustomLLM, FlexMaskLLM, "document masks as FlexAttention block masks (CUDA)"),
 }
 
 # What `auto` swaps in, by device and precision. On CPU each was measured to pay (python -m
@@ -41,9 +43,9 @@ AUTO: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "bf16"): ("chunked_loss", "mlp", "attention", "rms_norm"),
     # fp16 on CPU is slow (no fp16 matmul units) and is here to prove CUDA's fp16 path: its set
     ("cpu", "fp16"): ("chunked_loss", "mlp", "attention"),
-    ("cuda", "fp32"): ("chunked_loss", "mlp"),
-    ("cuda", "bf16"): ("chunked_loss", "mlp", "attention"),
-    ("cuda", "fp16"): ("chunked_loss", "mlp", "attention"),
+    ("cuda", "fp32"): ("chunked_loss", "mlp", "document_mask"),
+    ("cuda", "bf16"): ("chunked_loss", "mlp", "attention", "document_mask"),
+    ("cuda", "fp16"): ("chunked_loss", "mlp", "attention", "document_mask"),
     ("mps", "fp32"): ("chunked_loss", "mlp"),
 }
 

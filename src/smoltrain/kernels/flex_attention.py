@@ -1,0 +1,64 @@
+"""Document masks on CUDA as FlexAttention block masks, built on the device from the batch's
+(B, T) document ids.
+
+SDPA given a boolean mask falls back to its math kernel, which with grouped-query attention
+materializes B x heads x T x T scores. FlexAttention skips the key blocks that the mask
+rules out and runs the rest in one fused kernel, forward and backward. torch's FlexAttention
+has no backward on CPU, so the kernel applies on CUDA only; tests/kernels checks its forward
+on CPU against the dense mask, and bench/gpu.sh its backward and speed on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from smoltrain.model import CustomLLM
+
+
+def flex_applies(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)  # fused only when compiled
+
+
+@dataclass
+class FlexMask:
+    """A block mask with the attention that reads it: `Attention.attention` calls `attend`."""
+
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        run = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+        return run(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
+
+
+def document_block_mask(document_ids: torch.Tensor) -> FlexMask:
+    """Causal attention within each document of a packed (B, T) batch."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    B, T = document_ids.shape
+    return FlexMask(create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device))
+
+
+class FlexMaskLLM(CustomLLM):
+    """`CustomLLM` whose document masks are FlexAttention block masks where that applies."""
+
+    def attention_mask(self, attention_mask, document_ids, past, T):
+        device = self.embed_tokens.weight.device
+        plain_otherwise = attention_mask is None and past == 0 and self.config.sliding_window is None
+        if document_ids is not None and plain_otherwise and flex_applies(device):
+            return document_block_mask(document_ids)
+        return super().attention_mask(attention_mask, document_ids, past, T)
