@@ -39,7 +39,7 @@ from smoltrain.checkpoint import (
 )
 from smoltrain.config import ModelConfig
 from smoltrain.data import build_loader
-from smoltrain.device import measure_peak_flops, pick_device
+from smoltrain.device import cuda_training_settings, peak_flops, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import MetricsLog, flatten, plot_losses, print_end, print_start, truncate_metrics
@@ -324,7 +324,8 @@ class Run:
     end_step: int  # the last step this process runs
     tokens_per_step: int
     flops_per_token: float
-    peak_flops: float
+    peak_flops: float  # per process, for MFU
+    peak_source: str  # a datasheet, a measurement or the config
     metrics: MetricsLog
     bar: Any
     scaler: torch.amp.GradScaler | None  # fp16's loss scaling
@@ -367,7 +368,9 @@ def setup_run(
     device, world, t = accelerator.device, accelerator.num_processes, cfg.train
     precision = pick_precision(t.precision, device.type)
     set_seed(t.seed)
-    process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc)
+    process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc) + cuda_training_settings(
+        device.type, t.tf32
+    )
     tokenizer = load_tokenizer(cfg.tokenizer)
     model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
     accum = grad_accum_steps(cfg, world)
@@ -398,7 +401,11 @@ def setup_run(
     if stop_at_step is not None:
         end_step = min(end_step, stop_at_step)
 
-    peak_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if t.peak_flops:
+        peak, peak_source = t.peak_flops, "train.peak_flops"
+    else:
+        tf32 = precision == "fp32" and device.type == "cuda" and t.tf32
+        peak, peak_source = peak_flops(device, "tf32" if tf32 else precision)
     if cfg.log.trackers:
         accelerator.init_trackers(cfg.log.project, config=flatten(cfg.to_dict()))
     run = Run(
@@ -420,7 +427,8 @@ def setup_run(
         end_step=end_step,
         tokens_per_step=t.micro_batch_size * accum * world * cfg.data.context_length,
         flops_per_token=raw_model.config.flops_per_token(cfg.data.context_length),
-        peak_flops=t.peak_flops or measure_peak_flops(device, peak_dtype),
+        peak_flops=peak,
+        peak_source=peak_source,
         metrics=MetricsLog(out / "metrics.jsonl", accelerator),
         bar=tqdm(
             total=end_step,
@@ -449,6 +457,7 @@ def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
         "device": f"{acc.device} ({acc.distributed_type.value}), precision {run.precision}",
         "kernels": "; ".join(f"{k} ({KERNELS[k][2]})" for k in kernels) or "none (the plain model)",
         "process": "; ".join(process_tweaks) or "as started",
+        "mfu": f"against {run.peak_flops / 1e12:,.1f} TFLOP/s per process ({run.peak_source})",
         "data": f"{cfg.data.source} ({cfg.data.mode}), tokenizer {cfg.tokenizer}",
         "output": cfg.output_dir,
     }

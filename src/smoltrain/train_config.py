@@ -65,7 +65,10 @@ class TrainLoopConfig:
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     loss_scale: float = 65536.0  # fp16: GradScaler's initial scale (halved at each overflow)
     mps_empty_cache_every: int = 50  # release cached MPS memory every N steps (0: never)
-    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: measured once
+    peak_flops: float | None = (
+        None  # device peak FLOP/s for MFU; None: a known GPU's datasheet, else measured
+    )
+    tf32: bool = True  # CUDA, fp32: TF32 matmuls (tensor cores, fp32 accumulation)
 
 
 @dataclass
