@@ -297,3 +297,53 @@ def test_micro_batch_split_is_the_one_rank_stream_dealt_out(corpus, smollm2_toke
     one = build_loader(cfg, smollm2_tokenizer, 2)
     one.load_state_dict(loader.state_dict())
     assert torch.equal(next(iter(one))["input_ids"], single[6]["input_ids"])
+
+
+def test_workers_send_their_state_once_per_snapshot_and_resume_exactly_between(
+    tmp_path, smollm2_tokenizer, monkeypatch
+):
+    """A worker's state (the shuffle buffer in it) was pickled to the main process with every
+    batch; now every `snapshot_every` batches (the checkpoint interval). A state taken between
+    two snapshots still resumes exactly (the loader replays the batches since the last)."""
+    from smoltrain import data
+
+    for s in range(2):
+        write_jsonl(tmp_path / f"part-{s}.jsonl", make_docs(40, seed=s))
+    cfg = DataConfig(
+        source=str(tmp_path / "*.jsonl"), context_length=48, shuffle_buffer=6, eval_every=NEVER, num_workers=2
+    )
+    calls = tmp_path / "state-calls"
+    real_state_dict = data.TokenStream.state_dict
+
+    def counted(self):
+        with open(calls, "a") as f:  # appended to from the (forked) worker processes
+            f.write("x")
+        return real_state_dict(self)
+
+    monkeypatch.setattr(data.TokenStream, "state_dict", counted)
+    sent = {}
+    for every in (1, 100):
+        calls.unlink(missing_ok=True)
+        take(iter(build_loader(cfg, smollm2_tokenizer, batch_size=2, snapshot_every=every)), 20)
+        sent[every] = len(calls.read_text())
+    assert sent[1] >= 20 and sent[100] <= 4, sent  # 100: the workers' initial states only
+    reference = take(iter(build_loader(cfg, smollm2_tokenizer, batch_size=2)), 30)
+    loader = build_loader(cfg, smollm2_tokenizer, batch_size=2, snapshot_every=10)
+    it = iter(loader)
+    take(it, 13)
+    state = loader.state_dict()
+    del it
+    restored = build_loader(cfg, smollm2_tokenizer, batch_size=2, snapshot_every=10)
+    restored.load_state_dict(state)
+    for got, want in zip(take(iter(restored), 6), reference[13:19], strict=True):
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_rank_split_auto_is_per_device():
+    from smoltrain.data import resolve_rank_split
+
+    assert resolve_rank_split("auto", "cuda", 8) == "document"  # every rank tokenizing all: too slow
+    assert resolve_rank_split("auto", "cuda", 1) == "micro_batch"
+    assert resolve_rank_split("auto", "cpu", 2) == "micro_batch"  # the same run for any count
+    assert resolve_rank_split("micro_batch", "cuda", 8) == "micro_batch"

@@ -1,5 +1,7 @@
 """Several processes on CPU with the gloo backend, launched as users do (torchrun)."""
 
+import json
+import math
 import subprocess
 import sys
 import time
@@ -143,3 +145,41 @@ def test_checkpoints_without_a_shared_filesystem(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(losses(tmp_path / "straight"), losses(node0), range(1, 11))
     assert (node0 / "final/model.safetensors").is_file()
+
+
+SHARDED_PROBE = """
+import json, os, sys
+import torch
+from smoltrain import model as model_module
+from smoltrain.cli import main
+seen = {"built_on": [], "matmul_weight_dtypes": set()}
+real_init = model_module.CustomLLM.__init__
+def init(self, config):
+    real_init(self, config)
+    seen["built_on"].append(self.embed_tokens.weight.device.type)
+    def record(module, args):
+        seen["matmul_weight_dtypes"].add(str(module.weight.dtype))
+    self.layers[0].mlp.down_proj.register_forward_pre_hook(record)
+model_module.CustomLLM.__init__ = init
+main(["train", *sys.argv[1:]])
+seen["matmul_weight_dtypes"] = sorted(seen["matmul_weight_dtypes"])
+with open(os.environ["PROBE_OUT"] + os.environ["RANK"], "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def test_fsdp_builds_on_meta_and_computes_in_bf16(tmp_path, monkeypatch):
+    """Rank 1 never holds the whole model (built on the meta device; its shards come from
+    rank 0), and under bf16 the gathered weights are bf16 (MixedPrecisionPolicy) rather
+    than fp32 weights cast by autocast in every matmul."""
+    script = tmp_path / "probe.py"
+    script.write_text(SHARDED_PROBE)
+    monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe-"))
+    args = run_args(tmp_path, "bf16", "train.fsdp=true", "train.precision=bf16", "--max-steps", "3")
+    result = launch(2, *args, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"probe-{r}").read_text()) for r in (0, 1))
+    # (rank 0 builds one more at the end: final/ is written from a plain model)
+    assert rank0["built_on"][:2] == ["cpu", "meta"] and rank1["built_on"] == ["meta"]
+    assert rank0["matmul_weight_dtypes"] == rank1["matmul_weight_dtypes"] == ["torch.bfloat16"]
+    assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())

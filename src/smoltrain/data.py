@@ -55,9 +55,11 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     # How ranks share the stream. "micro_batch": every rank reads the same stream and rank r
     # takes micro-batches r, r+W, ...: a run (and its checkpoints) is the same for any process
-    # count. "document": each rank reads only its own part of the source (less reading on
-    # many nodes); its position resumes only on the same process count.
-    rank_split: str = "micro_batch"
+    # count. "document": each rank reads and tokenizes only its own part of the source (W
+    # times less work per rank); its position resumes only on the same process count.
+    # "auto": document on several GPUs (8 H200s eat more tokens than one rank's tokenizer
+    # makes), micro_batch otherwise.
+    rank_split: str = "auto"
     tokenize_batch: int = 64  # documents per call to the fast tokenizer
 
     def __post_init__(self) -> None:
@@ -67,8 +69,10 @@ class DataConfig:
             raise ValueError(f"data.txt_documents must be 'file' or 'paragraph', got '{self.txt_documents}'")
         if self.context_length < 2:
             raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
-        if self.rank_split not in ("micro_batch", "document"):
-            raise ValueError(f"data.rank_split must be 'micro_batch' or 'document', got '{self.rank_split}'")
+        if self.rank_split not in ("auto", "micro_batch", "document"):
+            raise ValueError(
+                f"data.rank_split must be 'auto', 'micro_batch' or 'document', got '{self.rank_split}'"
+            )
         if self.eval_every < 2:
             raise ValueError(
                 f"data.eval_every must be >= 2 (1 in N documents held out), got {self.eval_every}"
@@ -463,6 +467,13 @@ class RankSlice:
         self.loader.load_state_dict(state)
 
 
+def resolve_rank_split(rank_split: str, device_type: str, world_size: int) -> str:
+    """`auto`: each rank its own documents on several GPUs, the same stream otherwise."""
+    if rank_split != "auto":
+        return rank_split
+    return "document" if device_type == "cuda" and world_size > 1 else "micro_batch"
+
+
 def build_loader(
     cfg: DataConfig,
     tokenizer,
@@ -470,10 +481,15 @@ def build_loader(
     split: str = "train",
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
+    snapshot_every: int = 1,
 ):
     """A resumable loader (`state_dict()` / `load_state_dict()`) of this rank's micro-batches
-    (see `DataConfig.rank_split`). The train split is endless (epoch after epoch); eval is
-    one pass."""
+    (see `DataConfig.rank_split`, `auto` read as on CPU). The train split is endless (epoch
+    after epoch); eval is one pass. `pin_memory` for copies to a GPU that overlap compute.
+    Workers send their state (the shuffle buffer included) every `snapshot_every` batches,
+    the checkpoint interval in training: a state asked for in between replays the batches
+    since the last one on resume, so it stays exact."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     open_fn = _open_fn(cfg, split)
@@ -481,7 +497,7 @@ def build_loader(
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's own noise
     if cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
-    by_document = cfg.rank_split == "document"
+    by_document = resolve_rank_split(cfg.rank_split, "cpu", world_size) == "document"
     stream = TokenStream(
         open_fn,
         tokenizer,
@@ -497,5 +513,7 @@ def build_loader(
         collate_fn=make_collate(cfg, tokenizer),
         num_workers=cfg.num_workers,
         persistent_workers=False,
+        pin_memory=pin_memory,
+        snapshot_every_n_steps=max(1, snapshot_every),
     )
     return loader if by_document or world_size == 1 else RankSlice(loader, rank, world_size)

@@ -50,15 +50,22 @@ def broadcast_object(obj, accelerator):
     )
 
 
-def shard_model(model: CustomLLM, device: torch.device) -> CustomLLM:
+def shard_model(model: CustomLLM, device: torch.device, param_dtype: torch.dtype | None = None) -> CustomLLM:
     """FSDP2: each decoder layer is one unit of all-gather / reduce-scatter; the root unit
-    holds the embedding (tied to the head), the final norm and the rotary tables."""
-    from torch.distributed.fsdp import fully_shard
+    holds the embedding (tied to the head), the final norm and the rotary tables. With
+    `param_dtype` (bf16) the gathered weights are cast once per unit instead of by autocast
+    in every matmul, and gradients are reduced in fp32. A model on the meta device stays
+    there (the caller allocates its shards)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
+    if model.embed_tokens.weight.device.type != "meta":
+        model.to(device)
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
+    )
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 

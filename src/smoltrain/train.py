@@ -38,7 +38,7 @@ from smoltrain.checkpoint import (
     save_checkpoint,
 )
 from smoltrain.config import ModelConfig
-from smoltrain.data import build_loader
+from smoltrain.data import build_loader, resolve_rank_split
 from smoltrain.device import cuda_training_settings, peak_flops, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
@@ -279,6 +279,37 @@ def build_model(cfg: TrainConfig, tokenizer) -> CustomLLM:
     return model
 
 
+def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str) -> CustomLLM:
+    """The model sharded with FSDP2 and never whole on any GPU: rank 0 builds (or loads) it
+    on the CPU, every rank builds it on the meta device (no memory), shards it, allocates its
+    own shards and receives their values from rank 0. With `train.compile` each decoder
+    layer is compiled before it is sharded (the whole model would not compile around
+    FSDP's hooks); under bf16 the shards are gathered and computed in bf16, gradients are
+    reduced in fp32 (MixedPrecisionPolicy)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    t, device, is_main = cfg.train, accelerator.device, accelerator.is_main_process
+    whole = build_model(cfg, tokenizer) if is_main else None
+    config = broadcast_object(whole.config if is_main else None, accelerator)
+    full_state = whole.state_dict() if is_main else {}
+    del whole
+    with torch.device("meta"):
+        model = CustomLLM(config)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = prepare_for_training(model, device.type, precision, t.kernels)
+    if t.compile:
+        for layer in model.layers:
+            layer.compile()
+    model = shard_model(model, device, torch.bfloat16 if precision == "bf16" else None)
+    model.to_empty(device=device)
+    model.rotary_emb.reset_parameters()  # buffers outside the state dict: computed, not sent
+    set_model_state_dict(
+        model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    return model
+
+
 def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
     """Micro-batches per optimizer step: from train.global_batch_size when it is set."""
     t = cfg.train
@@ -366,25 +397,37 @@ def setup_run(
     resume = phase == "resume"
     resume_dir = resolve_checkpoint_dir(checkpoint) if resume and accelerator.is_main_process else None
     device, world, t = accelerator.device, accelerator.num_processes, cfg.train
+    split = resolve_rank_split(cfg.data.rank_split, device.type, world)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rank_split=split))
     precision = pick_precision(t.precision, device.type)
     set_seed(t.seed)
     process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc) + cuda_training_settings(
         device.type, t.tf32
     )
     tokenizer = load_tokenizer(cfg.tokenizer)
-    model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
     accum = grad_accum_steps(cfg, world)
-
     fsdp = t.fsdp and world > 1
     if fsdp:
         if precision == "fp16":
             raise TrainingError("train.fsdp with fp16 is not supported; use bf16 (or fp32)")
-        model = shard_model(model, device)  # FSDP2 from torch.distributed, in place
+        model = build_sharded_model(cfg, tokenizer, accelerator, precision)
         optimizer = build_optimizer(model, cfg, device.type)
     else:
+        model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
         model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device.type))
     raw_model: CustomLLM = accelerator.unwrap_model(model)
-    loader = build_loader(cfg.data, tokenizer, t.micro_batch_size, "train", accelerator.process_index, world)
+    # the inner loader's batches between checkpoints: one worker state sent per checkpoint
+    snapshot_every = cfg.log.checkpoint_every * accum * (1 if cfg.data.rank_split == "document" else world)
+    loader = build_loader(
+        cfg.data,
+        tokenizer,
+        t.micro_batch_size,
+        "train",
+        accelerator.process_index,
+        world,
+        pin_memory=device.type == "cuda",
+        snapshot_every=snapshot_every,
+    )
 
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
@@ -415,7 +458,7 @@ def setup_run(
         precision=precision,
         model=model,
         raw_model=raw_model,
-        forward=torch.compile(model) if t.compile else model,
+        forward=torch.compile(model) if t.compile and not fsdp else model,  # FSDP: per layer
         optimizer=optimizer,
         loader=loader,
         batches=iter(loader),
