@@ -106,6 +106,15 @@ def test_reference_config_is_the_reference_run():
     assert (cfg.resume.extra_steps, cfg.resume.log_every) == (50, 10)
 
 
+def test_gpu_config_is_the_reference_model_at_context_2048():
+    cfg = load_config(REPO / "configs/smollm2-135m-cosmopedia-gpu.yaml")
+    reference = load_config(REPO / "configs/smollm2-135m-cosmopedia.yaml")
+    assert cfg.model == reference.model and cfg.data.source == reference.data.source
+    assert (cfg.data.context_length, cfg.train.precision, cfg.train.compile) == (2048, "bf16", True)
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.context_length
+    assert tokens == 131_072 and cfg.schedule.warmup_steps < cfg.schedule.max_steps
+
+
 def test_unknown_config_key_names_the_nearest():
     with pytest.raises(ValueError, match="did you mean 'optim.lr'|Did you mean.*lr"):
         load_config(overrides=["optim.lrr=1"])
