@@ -80,7 +80,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from smoltrain.errors import TrainingError
     from smoltrain.train import config_for_cli, train
 
     flags = {
@@ -90,17 +89,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         "log_every": args.log_every,
         "device": args.device,
     }
-    try:
-        cfg = config_for_cli(args.config, args.overrides, args.phase, args.checkpoint, flags)
-        train(
-            cfg,
-            phase=args.phase,
-            checkpoint=args.checkpoint,
-            stop_at_step=args.stop_at_step,
-            overwrite=args.overwrite,
-        )
-    except TrainingError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = config_for_cli(args.config, args.overrides, args.phase, args.checkpoint, flags)
+    train(
+        cfg,
+        phase=args.phase,
+        checkpoint=args.checkpoint,
+        stop_at_step=args.stop_at_step,
+        overwrite=args.overwrite,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -134,7 +130,9 @@ def _trains_on_cpu_with_tuning(args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoltrain", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="smoltrain", description=__doc__, epilog="--debug (anywhere): show the traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a model, streamed as it is produced")
@@ -194,8 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    # --debug, anywhere on the line: show the traceback of a known error too
+    given = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in given
     # Dotted overrides may sit between flags, which argparse's positionals do not allow.
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args([a for a in given if a != "--debug"])
     unknown = [e for e in extra if e.startswith("-") or args.command != "train"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -205,11 +206,15 @@ def main(argv: list[str] | None = None) -> None:
             from smoltrain.perf import relaunch_with_lean_malloc
 
             relaunch_with_lean_malloc()  # needs a fresh process: glibc reads it at start-up
+    from smoltrain.errors import TrainingError
+
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, TrainingError) as e:
         # Errors at the edges carry a message that names the fix; a traceback adds nothing.
-        raise SystemExit(f"error: {e}") from None
+        if debug:
+            raise
+        raise SystemExit(f"error: {e} (--debug shows where)") from None
 
 
 if __name__ == "__main__":

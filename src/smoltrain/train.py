@@ -29,6 +29,7 @@ import torch
 
 from smoltrain.checkpoint import (
     CHECKPOINTS,
+    COMPLETE,
     RunState,
     checkpoint_config,
     checkpoint_root,
@@ -47,7 +48,7 @@ from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
 from smoltrain.parallel import broadcast_object, clip_grad_norm, full_model_state, gradient_sync, shard_model
 from smoltrain.perf import cpu_training_tweaks
-from smoltrain.train_config import ScheduleConfig, TrainConfig, load_config
+from smoltrain.train_config import ScheduleConfig, TrainConfig, config_warnings, load_config
 
 __all__ = ["TrainingError", "config_for_cli", "lr_at", "setup_run", "train", "train_step"]
 
@@ -244,21 +245,39 @@ def agree_on_config(cfg: TrainConfig, accelerator) -> TrainConfig:
     return agreed
 
 
+RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "loss.png", "run.json")
+
+
+def holds_run(out: Path) -> bool:
+    """Whether a folder holds a run: one with a completed step (logged, checkpointed or
+    exported). A start that failed before its first step leaves no run behind."""
+    metrics = out / "metrics.jsonl"
+    logged = metrics.is_file() and '"loss"' in metrics.read_text(errors="replace")
+    checkpointed = any((p / COMPLETE).is_file() for p in (out / CHECKPOINTS).glob("step-*"))
+    return logged or checkpointed or (out / "final").is_dir()
+
+
 def prepare_output_dir(cfg: TrainConfig, phase: str, overwrite: bool) -> Path:
+    """The output folder, refused at init if it holds a run and `overwrite` is off. Nothing
+    is removed here: `clear_old_run` does that once everything has been checked."""
     out = Path(cfg.output_dir)
-    holds_run = (out / "metrics.jsonl").exists() or (out / CHECKPOINTS).exists()
-    if phase == "init" and holds_run:
-        if not overwrite:
-            raise TrainingError(
-                f"output folder '{out}' already holds a run; pass --overwrite to replace it, "
-                f"--phase resume --checkpoint {out} to continue it, or another --output-dir"
-            )
-        for name in ("metrics.jsonl", CHECKPOINTS, "final", "loss.png", "run.json"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if phase == "init" and holds_run(out) and not overwrite:
+        resume = f"--phase resume --checkpoint {out} to continue it, " if (out / CHECKPOINTS).is_dir() else ""
+        raise TrainingError(
+            f"output folder '{out}' already holds a run; pass --overwrite to replace it, "
+            f"{resume}or another --output-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(out / CHECKPOINTS)
     return out
+
+
+def clear_old_run(out: Path) -> None:
+    """Remove what an earlier run (or a failed start) left in `out`: called by rank 0 at init
+    when the model, data and tokenizer are built, so a typo never costs the old run."""
+    for name in RUN_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> CustomLLM:
@@ -444,6 +463,10 @@ def setup_run(
     if stop_at_step is not None:
         end_step = min(end_step, stop_at_step)
 
+    if not resume:  # everything is built and checked: only now does an old run go
+        if accelerator.is_main_process:
+            clear_old_run(out)
+        accelerator.wait_for_everyone()
     if t.peak_flops:
         peak, peak_source = t.peak_flops, "train.peak_flops"
     else:
@@ -485,6 +508,8 @@ def setup_run(
     )
     if accelerator.is_main_process:
         print_start(start_summary(run, process_tweaks))
+        for warning in config_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
     return run
 
 

@@ -112,6 +112,9 @@ class TrainConfig:
 
 def _explain(e: OmegaConfBaseException) -> str:
     msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", "") or ""
+    if key and key not in msg:  # "Value 'abc' ... could not be converted to Float": whose?
+        msg = f"{key}: {msg}"
     if isinstance(e, ConfigKeyError) and "Did you mean" not in msg:
         key = getattr(e, "full_key", "") or ""
         parent = OmegaConf.structured(TrainConfig)
@@ -140,7 +143,7 @@ def load_config(
         if path is not None:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key.sub=value, got {bad}")
@@ -151,6 +154,92 @@ def load_config(
     result.model.build_config()  # unknown model overrides fail here, with the nearest key
     if result.train.kernels in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
         result.train.kernels = "off"
-    if result.train.kernels not in ("auto", "off"):
-        raise ValueError(f"bad config: train.kernels '{result.train.kernels}' is unknown; use auto or off")
+    check_config(result)
     return result
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"bad config: {path}{where}: {what} (YAML syntax)") from None
+
+
+# Choices and bounds checked when the config is loaded, so that a typo fails before any work
+# rather than at the step that first reads the key (schedule.kind at the end of warmup).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule.kind": ("linear", "cosine", "wsd", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cuda", "mps", "cpu"),
+    "train.kernels": ("auto", "off"),
+}
+AT_LEAST_ONE = (
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.max_bad_steps",
+    "schedule.max_steps",
+    "log.log_every",
+    "log.eval_every",
+    "log.eval_batches",
+    "log.sample_every",
+    "log.checkpoint_every",
+    "resume.log_every",
+    "data.tokenize_batch",
+)
+POSITIVE = ("optim.lr", "optim.eps", "train.loss_scale")
+AT_LEAST_ZERO = (
+    "optim.weight_decay",
+    "optim.grad_clip",
+    "schedule.warmup_steps",
+    "schedule.past_end_lr",
+    "train.mps_empty_cache_every",
+    "data.num_workers",
+    "data.shuffle_buffer",
+    "log.sample_tokens",
+    "resume.extra_steps",
+)
+FRACTIONS = ("optim.beta1", "optim.beta2", "schedule.min_lr_ratio", "schedule.decay_fraction")
+
+
+def _get(cfg: TrainConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse values no run can mean: unknown choices, counts below 1, rates at or below 0.
+    (A count of 0 is not "off": an interval of 0 would divide by zero mid-run.)"""
+    problems = []
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            problems.append(
+                f"{key} '{_get(cfg, key)}' is unknown; use {', '.join(choices[:-1])} or {choices[-1]}"
+            )
+    problems += [f"{k} must be at least 1, got {_get(cfg, k)}" for k in AT_LEAST_ONE if _get(cfg, k) < 1]
+    problems += [f"{k} must be above 0, got {_get(cfg, k)}" for k in POSITIVE if not _get(cfg, k) > 0]
+    problems += [f"{k} must not be negative, got {_get(cfg, k)}" for k in AT_LEAST_ZERO if _get(cfg, k) < 0]
+    problems += [
+        f"{k} must be in [0, 1], got {_get(cfg, k)}" for k in FRACTIONS if not 0 <= _get(cfg, k) <= 1
+    ]
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
+        problems.append(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
+    if cfg.train.peak_flops is not None and not cfg.train.peak_flops > 0:
+        problems.append(f"train.peak_flops must be above 0 (or unset), got {cfg.train.peak_flops}")
+    if problems:
+        raise ValueError("bad config: " + "; ".join(problems))
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Values that are legal but surely unintended: said at start-up, the run goes on."""
+    s, warnings = cfg.schedule, []
+    if s.warmup_steps >= s.max_steps:
+        warnings.append(
+            f"schedule.warmup_steps {s.warmup_steps} >= schedule.max_steps {s.max_steps}: the "
+            "learning rate never reaches optim.lr"
+        )
+    return warnings

@@ -1,0 +1,84 @@
+"""Bad input through the CLI, as a user hits it: a one-paragraph error naming the key and the
+fix, no traceback, exit code non-zero, and nothing written before is touched."""
+
+import pytest
+
+from .test_train import metric_rows, small_run_args, smoltrain
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_clean_error(result, *words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: "), message
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["schedule.kind=cosin"], ["schedule.kind 'cosin' is unknown", "cosine"]),
+        (["train.grad_accum_steps=0"], ["train.grad_accum_steps must be at least 1"]),
+        (["--max-steps", "0"], ["schedule.max_steps must be at least 1"]),
+        (["optim.lr=0"], ["optim.lr must be above 0"]),
+        (["optim.lr=abc"], ["optim.lr", "'abc'", "Float"]),
+        (["log.eval_every=0"], ["log.eval_every must be at least 1"]),
+        (["train.precision=fp8"], ["train.precision 'fp8' is unknown"]),
+        (["optim.beta2=1.5"], ["optim.beta2 must be in [0, 1]"]),
+    ],
+)
+def test_nonsense_config_values_are_refused_at_load(tmp_path, overrides, words):
+    """They trained (loss 0.0 at grad_accum_steps=0, random weights exported at 0 steps) or
+    failed late (a misspelled schedule.kind at the end of warmup)."""
+    result = smoltrain(*small_run_args(tmp_path, "run", *overrides), check=False)
+    assert_clean_error(result, "bad config", *words)
+    assert not (tmp_path / "run").exists()  # refused before any folder was made
+
+
+def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  micro_batch_size: 4\n   grad_accum_steps: [\n")
+    args = small_run_args(tmp_path, "run")
+    args[1] = str(bad)
+    assert_clean_error(smoltrain(*args, check=False), str(bad), "line 3, column", "YAML syntax")
+
+
+def test_warmup_past_the_schedule_is_warned_about(tmp_path):
+    result = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2", "schedule.warmup_steps=5"))
+    assert "warning: schedule.warmup_steps 5 >= schedule.max_steps 2" in result.stderr
+
+
+def test_overwrite_with_a_typo_keeps_the_finished_run(tmp_path):
+    """--overwrite deleted the old run before checking the new data source."""
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"))
+    before = folder_bytes(tmp_path / "run")
+    assert "final/model.safetensors" in before
+    typo = smoltrain(
+        *small_run_args(tmp_path, "run", "--max-steps", "2", f"data.source={tmp_path}/nope.jsonl"),
+        "--overwrite",
+        check=False,
+    )
+    assert_clean_error(typo, "nope.jsonl")
+    assert folder_bytes(tmp_path / "run") == before
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "3"), "--overwrite")  # a real one replaces it
+    steps = [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r]
+    assert steps[-1] == 3 and steps == sorted(set(steps))  # the old run's rows are gone
+
+
+def test_a_failed_start_leaves_no_run_that_blocks_the_rerun(tmp_path):
+    """A start that failed before its first step left an empty metrics.jsonl, and the rerun
+    was refused ("already holds a run")."""
+    failed = smoltrain(*small_run_args(tmp_path, "run", "data.context_length=100000"), check=False)
+    assert_clean_error(failed, "context")
+    rerun = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"))
+    assert "done: step 2" in rerun.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = smoltrain(*small_run_args(tmp_path, "run", "schedule.kind=cosin"), "--debug", check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "schedule.kind" in result.stderr
