@@ -82,3 +82,47 @@ def test_a_failed_start_leaves_no_run_that_blocks_the_rerun(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = smoltrain(*small_run_args(tmp_path, "run", "schedule.kind=cosin"), "--debug", check=False)
     assert result.returncode != 0 and "Traceback" in result.stderr and "schedule.kind" in result.stderr
+
+
+def command(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "smoltrain", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--prompt", ""], ["--prompt is empty"]),
+        (["--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens must be at least 1"]),
+        (["--prompt", "hi", "--do-sample", "--temperature", "0"], ["leave out --do-sample"]),
+    ],
+)
+def test_generate_refuses_what_means_nothing(args, words):
+    """An empty prompt was a traceback, 0 new tokens exited 0 with nothing, and the greedy
+    advice named a flag the CLI does not have."""
+    assert_clean_error(command("generate", "--model", "smollm2", *args), *words)
+
+
+def test_generate_says_greedy_ignores_sampling_settings():
+    result = command("generate", "--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0.5")
+    assert result.returncode == 0
+    assert "warning: --temperature only act with --do-sample; decoding greedily" in result.stderr
+
+
+def test_convert_refuses_a_file_and_a_full_folder_without_overwrite(tmp_path):
+    """Onto a file it was a traceback; into a full folder it mixed old and new files."""
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert_clean_error(command("convert", "smollm2", str(file)), "is a file")
+    assert file.read_text() == "mine"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    assert_clean_error(command("convert", "smollm2", str(folder)), "not empty", "--overwrite")
+    assert folder_bytes(folder) == {"keep.txt": b"mine"}
+    assert command("convert", "smollm2", str(folder), "--overwrite").returncode == 0
+    assert (folder / "model.safetensors").is_file() and not (folder / "keep.txt").exists()

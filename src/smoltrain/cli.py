@@ -30,12 +30,31 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot mean anything before the model loads; warn about sampling settings
+    that greedy decoding ignores."""
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the text to continue (or, with --chat, a question)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature <= 0:
+        raise ValueError(
+            f"--temperature must be above 0, got {args.temperature}; leave out --do-sample to decode greedily"
+        )
+    changed = {"--temperature": args.temperature != 1.0, "--top-k": args.top_k is not None}
+    changed["--top-p"] = args.top_p is not None
+    ignored = [flag for flag, is_set in changed.items() if is_set]
+    if ignored and not args.do_sample:
+        print(f"warning: {', '.join(ignored)} only act with --do-sample; decoding greedily", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
     from smoltrain.generate import prepare_for_generation, stream_text
     from smoltrain.model_io import load_model
     from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
+    check_generate_args(args)
     device = pick_device(args.device)
     model = load_model(args.model, dtype=_dtype(args.dtype), device=device)
     model = prepare_for_generation(model, compile=args.compile)
@@ -66,13 +85,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from smoltrain.atomic import publish_folder, staging_path
     from smoltrain.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
+    dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"'{dst}' is a file; convert writes a folder: give a folder path")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise ValueError(f"folder '{dst}' is not empty; pass --overwrite to replace it, or another folder")
     model = load_model(args.src, dtype=_dtype(args.dtype))
     tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
-    model.save_pretrained(args.dst, tokenizer=tokenizer)
+    # written beside and renamed over: never old and new files mixed, never half a folder
+    tmp = staging_path(dst)
+    model.save_pretrained(tmp, tokenizer=tokenizer)
+    publish_folder(tmp, dst, replace=True)
     print(
         f"wrote {args.dst}: {model.num_parameters():,} parameters, {args.dtype}"
         f"{', with tokenizer' if tokenizer else ', no tokenizer (pass --tokenizer)'}"
@@ -157,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", type=Path, help="output folder")
     c.add_argument("--tokenizer", default=None, help="tokenizer to write beside the weights")
     c.add_argument("--dtype", default="float32")
+    c.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
     c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser(
