@@ -7,7 +7,9 @@ from .test_train import metric_rows, small_run_args, smoltrain
 
 
 def folder_bytes(folder) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the lock's (it names whichever run last held the folder)."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 def assert_clean_error(result, *words: str) -> None:
@@ -126,3 +128,28 @@ def test_convert_refuses_a_file_and_a_full_folder_without_overwrite(tmp_path):
     assert folder_bytes(folder) == {"keep.txt": b"mine"}
     assert command("convert", "smollm2", str(folder), "--overwrite").returncode == 0
     assert (folder / "model.safetensors").is_file() and not (folder / "keep.txt").exists()
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_one_frees_it(tmp_path):
+    """Two trainings into one folder both ran, interleaving metrics.jsonl and overwriting each
+    other's checkpoints; the lock is the OS's, so a SIGKILLed holder leaves nothing stuck."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = small_run_args(tmp_path, "run", "--max-steps", "100000", "log.log_every=1")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "smoltrain", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    second = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"), "--overwrite", check=False)
+    assert first.poll() is None  # the first run was left alone
+    assert_clean_error(second, "is in use by PID", str(first.pid), "another --output-dir")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    third = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"), "--overwrite")
+    assert "done: step 2" in third.stdout

@@ -3,10 +3,14 @@ disk leaves the old version or the new one, never half of one."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
+
+from smoltrain.errors import TrainingError
 
 
 def _fsync(path: Path) -> None:
@@ -62,3 +66,32 @@ def publish_folder(tmp: Path, final: Path, replace: bool = False) -> bool:
         return False
     _fsync(final.parent)
     return True
+
+
+class FolderLock:
+    """An exclusive lock on a run's output folder for the run's lifetime: `flock` on
+    `folder/.lock`, which the OS releases when the holder exits, however it dies (SIGKILL
+    included), so a dead run never leaves it stuck. The file names the holder for the
+    message a second run gets."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise TrainingError(
+                f"output folder '{folder}' is in use by {holder}; wait for that run to end (or stop "
+                "it), or train into another --output-dir"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing drops the flock

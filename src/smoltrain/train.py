@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from smoltrain.atomic import FolderLock
 from smoltrain.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
@@ -268,7 +269,6 @@ def prepare_output_dir(cfg: TrainConfig, phase: str, overwrite: bool) -> Path:
             f"{resume}or another --output-dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    remove_partial_checkpoints(out / CHECKPOINTS)
     return out
 
 
@@ -379,6 +379,7 @@ class Run:
     metrics: MetricsLog
     bar: Any
     scaler: torch.amp.GradScaler | None  # fp16's loss scaling
+    lock: FolderLock | None  # the output folder's, held by rank 0
     window: Window = field(default_factory=Window)
     last: dict[str, float] = field(default_factory=dict)  # the latest logged figures
     start_step: int = 0
@@ -411,6 +412,9 @@ def setup_run(
 
     out = prepare_output_dir(cfg, phase, overwrite)
     accelerator = setup_accelerator(cfg)
+    # one run per folder: rank 0 holds the lock (a second launch into it is refused)
+    lock = FolderLock(out) if accelerator.is_main_process else None
+    remove_partial_checkpoints(out / CHECKPOINTS)  # a killed save's; no other run is writing
     cfg = agree_on_config(cfg, accelerator)
     # rank 0 reads the checkpoint and sends each rank its part
     resume = phase == "resume"
@@ -505,6 +509,7 @@ def setup_run(
         ),
         start_step=state.step,
         scaler=scaler,
+        lock=lock,
     )
     if accelerator.is_main_process:
         print_start(start_summary(run, process_tweaks))
@@ -718,6 +723,8 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         print_end(summary, out, checkpoint_root(out))
     run.metrics.close()
     run.accelerator.end_training()
+    if run.lock:
+        run.lock.release()
     return summary
 
 
