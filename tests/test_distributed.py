@@ -183,3 +183,68 @@ def test_fsdp_builds_on_meta_and_computes_in_bf16(tmp_path, monkeypatch):
     assert rank0["built_on"][:2] == ["cpu", "meta"] and rank1["built_on"] == ["meta"]
     assert rank0["matmul_weight_dtypes"] == rank1["matmul_weight_dtypes"] == ["torch.bfloat16"]
     assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
+
+
+def rank_pids(tag: str) -> dict[int, int]:
+    """PID of each rank of the launch whose environment carries SMOLTRAIN_TEST_TAG=tag."""
+    import os
+
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = dict(
+                item.split("=", 1)
+                for item in open(f"/proc/{entry}/environ").read().split("\0")
+                if "=" in item
+            )
+        except OSError:
+            continue
+        if env.get("SMOLTRAIN_TEST_TAG") == tag and "RANK" in env and "LOCAL_RANK" in env:
+            found[int(env["RANK"])] = int(entry)
+    return found
+
+
+def test_a_signal_to_one_rank_stops_all_on_the_same_step(tmp_path):
+    """SIGTERM reaches one rank only (as a scheduler's may): every rank learns it with the
+    step's figures, all checkpoint the same step and exit cleanly. Each rank used to decide
+    alone: one entered the checkpoint's collectives while the other ran on, and they hung."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tag = f"stop-{os.getpid()}"
+    args = run_args(
+        tmp_path, "stop", "--max-steps", "100000", "log.log_every=1", "log.checkpoint_every=100000"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "SMOLTRAIN_TEST_TAG": tag}
+    launch = subprocess.Popen(
+        [*cmd, "-m", "smoltrain", "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = tmp_path / "stop/metrics.jsonl"
+        deadline = time.time() + 180
+        while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3) and time.time() < deadline:
+            time.sleep(0.5)
+        pids = rank_pids(tag)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGTERM)
+        stdout, stderr = launch.communicate(timeout=180)
+    finally:  # a hung launch must not outlive the test
+        if launch.poll() is None:
+            launch.kill()
+            for pid in rank_pids(tag).values():
+                os.kill(pid, signal.SIGKILL)
+    assert launch.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stderr
+    latest = (tmp_path / "stop/checkpoints/latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    assert 3 <= step < 100000 and (tmp_path / f"stop/checkpoints/{latest}/rng-rank1.pt").is_file()
+    assert max(losses(tmp_path / "stop")) == step  # both stopped where the checkpoint is

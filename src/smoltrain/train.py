@@ -545,9 +545,10 @@ class StepResult:
     grad_norm: float  # before clipping (0 when clipping is off)
     lr: float
     skipped: bool  # non-finite: no update was made
+    stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM): all checkpoint and end
 
 
-def train_step(run: Run) -> StepResult:
+def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     """One optimizer step: gradients accumulated over `grad_accum_steps` micro-batches (synced
     across ranks on the last), clipped, applied. A non-finite loss or gradient norm skips the
     update and counts the step; `train.max_bad_steps` of those in a row stop the run. Under
@@ -578,9 +579,12 @@ def train_step(run: Run) -> StepResult:
         )
     else:
         grad_norm = torch.zeros((), device=device)
-    step_loss = accelerator.reduce(step_loss, reduction="mean")
-    # the one host sync per step: both figures come back together
-    loss_value, grad_norm_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+    # this rank's stop request rides with the loss: every rank learns whether any one had it
+    shared = torch.stack([step_loss.float(), torch.full((), float(stop_requested), device=device)])
+    step_loss, stops = accelerator.reduce(shared, reduction="mean")
+    # the one host sync per step: the figures come back together
+    loss_value, grad_norm_value, stop = torch.stack([step_loss, grad_norm.float(), stops]).tolist()
+    stop = stop > 0
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
         run.optimizer.zero_grad(set_to_none=True)
         overflow_scale = scaler.get_scale() if scaler else 0.0
@@ -595,7 +599,7 @@ def train_step(run: Run) -> StepResult:
                     f"{overflow_scale:g}; skipped, retried at half the scale",
                     file=sys.stderr,
                 )
-            return StepResult(loss_value, grad_norm_value, lr, skipped=True)
+            return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
         state.step += 1
         state.bad_steps += 1
         state.skipped_steps += 1
@@ -607,7 +611,7 @@ def train_step(run: Run) -> StepResult:
                 f"The last good checkpoint is in {checkpoint_root(run.out)}; lower optim.lr or "
                 "check the data (under fp16, try bf16 or fp32), then resume from it"
             )
-        return StepResult(loss_value, grad_norm_value, lr, skipped=True)
+        return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
     # the norm was finite, so are the gradients: step without GradScaler.step's own host sync
     run.optimizer.step()
     if scaler:
@@ -619,7 +623,7 @@ def train_step(run: Run) -> StepResult:
     run.window.loss += loss_value
     run.window.steps += 1
     run.bar.update(1)
-    return StepResult(loss_value, grad_norm_value, lr, skipped=False)
+    return StepResult(loss_value, grad_norm_value, lr, skipped=False, stop=stop)
 
 
 def _due(run: Run, every: int) -> bool:
@@ -681,6 +685,10 @@ def run_periodic_jobs(run: Run, result: StepResult, stopping: bool = False) -> N
     """After a step: log, evaluate, sample and checkpoint when due (and a checkpoint when
     `stopping`). Their time is not counted in the next log line's speed."""
     cfg, step = run.cfg, run.state.step
+    if result.skipped:  # nothing new to log or evaluate; a stop still checkpoints
+        if stopping:
+            checkpoint_now(run)
+        return
     if cfg.train.compile and step == run.start_step + 1 and run.accelerator.is_main_process:
         compile_s = time.perf_counter() - run.segment_start  # the first step compiles the model
         run.metrics.write(step, compile_s=compile_s)
@@ -738,16 +746,18 @@ def train(
     """Run phase `init` (from scratch or `model.init_from`) or `resume` (from `checkpoint`).
     Returns a summary (final losses, time, paths)."""
     run = setup_run(cfg, phase, checkpoint, stop_at_step, overwrite)
+    stopping = False
     with StopRequested() as stop:
         while run.state.step < run.end_step:
-            result = train_step(run)
-            if result.skipped:
+            # a signal reaches ranks at different moments: they stop on the step any one saw it
+            result = train_step(run, stop_requested=stop.signal is not None)
+            stopping = result.stop
+            if result.skipped and not stopping:
                 continue
-            stopping = stop.signal is not None
             run_periodic_jobs(run, result, stopping)
             if stopping:
                 break
-    return finish(run, interrupted=stop.signal is not None)
+    return finish(run, interrupted=stopping)
 
 
 def config_for_cli(
