@@ -1,4 +1,6 @@
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from smoltrain.checkpoint import (
     COMPLETE,
@@ -13,6 +15,8 @@ def fake_checkpoint(root, step, complete=True):
     folder = root / f"step-{step}"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
+    save_file({"w": torch.zeros(4)}, folder / "model.safetensors")
+    torch.save({}, folder / "optimizer.pt")
     if complete:
         (folder / COMPLETE).write_text(f"{step}\n")
     return folder
@@ -25,7 +29,7 @@ def test_resolve_accepts_what_a_user_points_at(tmp_path):
     for spec in (step4, root / "latest", root, tmp_path / "run"):
         assert resolve_checkpoint_dir(str(spec)) == step4
     partial = fake_checkpoint(root, 6, complete=False)
-    with pytest.raises(TrainingError, match="incomplete or corrupt.*earlier checkpoints/step-N"):
+    with pytest.raises(TrainingError, match=f"incomplete.*interrupted.*--checkpoint {step4}$"):
         resolve_checkpoint_dir(str(partial))
     with pytest.raises(TrainingError, match="does not exist"):
         resolve_checkpoint_dir(str(tmp_path / "nowhere"))
@@ -41,3 +45,28 @@ def test_prune_keeps_the_newest_complete_ones_and_stale_temporaries_go(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-12", "step-8"]
     remove_partial_checkpoints(tmp_path)
     assert not (tmp_path / ".step-14.tmp").exists()
+
+
+def test_a_broken_checkpoint_names_its_file_and_the_newest_older_one(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    step2, step4, step6 = (fake_checkpoint(root, n) for n in (2, 4, 6))
+    (step6 / "trainer_state.json").write_text('{"state": ')
+    with pytest.raises(
+        TrainingError, match=f"step-6: trainer_state.json is not valid JSON.*--checkpoint {step4}$"
+    ):
+        resolve_checkpoint_dir(str(step6))
+    weights = (step4 / "model.safetensors").read_bytes()
+    (step4 / "model.safetensors").write_bytes(weights[: len(weights) - 8])  # truncated
+    with pytest.raises(
+        TrainingError, match=f"step-4: model.safetensors is unreadable.*--checkpoint {step2}$"
+    ):
+        resolve_checkpoint_dir(str(step4))
+    (step2 / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(
+        TrainingError, match="step-2: optimizer.pt is missing or empty.*start again with --phase init"
+    ):
+        resolve_checkpoint_dir(str(step2))
+    stray = tmp_path / "photos"
+    stray.mkdir()
+    with pytest.raises(TrainingError, match="is not a checkpoint"):
+        resolve_checkpoint_dir(str(stray))

@@ -153,3 +153,13 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_one_frees_it(tm
     first.wait(timeout=60)
     third = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"), "--overwrite")
     assert "done: step 2" in third.stdout
+
+
+def test_resuming_from_a_truncated_checkpoint_names_the_file_and_the_older_one(tmp_path):
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "4", "log.checkpoint_every=2"))
+    weights = tmp_path / "run/checkpoints/step-4/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = folder_bytes(tmp_path / "run")
+    result = smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "run"), check=False)
+    assert_clean_error(result, "step-4: model.safetensors is unreadable", "--checkpoint", "step-2")
+    assert folder_bytes(tmp_path / "run") == before

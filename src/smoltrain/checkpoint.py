@@ -131,7 +131,7 @@ def remove_partial_checkpoints(root: Path) -> None:
 
 def resolve_checkpoint_dir(spec: str, required: bool = True) -> Path | None:
     """A step-N folder, a `checkpoints` folder or `latest` file, or a run's output folder;
-    only complete checkpoints count."""
+    only complete checkpoints count, and a required one is checked readable (`check_checkpoint`)."""
     path = Path(spec)
     if path.name == "latest" and path.is_file():
         path = path.parent / path.read_text().strip()
@@ -140,6 +140,8 @@ def resolve_checkpoint_dir(spec: str, required: bool = True) -> Path | None:
     elif (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if (path / COMPLETE).is_file() and (path / "trainer_state.json").is_file():
+        if required:
+            check_checkpoint(path)
         return path
     if not required:
         return None
@@ -147,10 +149,61 @@ def resolve_checkpoint_dir(spec: str, required: bool = True) -> Path | None:
         raise TrainingError(
             f"checkpoint '{spec}' does not exist; pass a checkpoints/step-N folder or a run folder"
         )
+    if not any((path / name).exists() for name in (COMPLETE, "trainer_state.json", "model.safetensors")):
+        raise TrainingError(
+            f"'{spec}' is not a checkpoint (no {COMPLETE}, trainer_state.json or model.safetensors in it); "
+            "pass a checkpoints/step-N folder, a run folder or its checkpoints/latest"
+        )
     raise TrainingError(
-        f"checkpoint '{spec}' is incomplete or corrupt (no {COMPLETE} marker or trainer_state.json): "
-        "it was probably interrupted while being written; use an earlier checkpoints/step-N"
+        f"checkpoint '{spec}' is incomplete (no {COMPLETE} marker or trainer_state.json): it was "
+        f"interrupted while being written; {_older_advice(path)}"
     )
+
+
+def _older_advice(path: Path) -> str:
+    """Names the newest complete checkpoint beside `path` that is older than it."""
+    try:
+        this = int(path.name.split("-")[1])
+    except (IndexError, ValueError):
+        this = None
+    older = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in path.parent.glob("step-*")
+        if p.name.split("-")[1].isdigit() and (p / COMPLETE).is_file() and p != path
+    )
+    older = [(n, p) for n, p in older if this is None or n < this]
+    if not older:
+        return "no complete older checkpoint is beside it; start again with --phase init"
+    return f"resume from the newest complete older one: --checkpoint {older[-1][1]}"
+
+
+def check_checkpoint(path: Path) -> None:
+    """Fail with the file and the way out when a complete-looking checkpoint cannot be read:
+    a broken trainer_state.json, a truncated or empty model.safetensors or optimizer.pt."""
+    from safetensors import safe_open
+
+    def broken(name: str, what: str) -> TrainingError:
+        return TrainingError(f"checkpoint {path}: {name} is {what}; {_older_advice(path)}")
+
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise broken("trainer_state.json", f"not valid JSON ({e})") from None
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise broken("model.safetensors", "missing")
+    try:
+        with safe_open(weights, "pt") as f:
+            names = list(f.keys())
+            if names:
+                f.get_slice(names[-1])  # the header's last entry lies inside the file
+    except Exception as e:  # safetensors' own error types differ across versions
+        raise broken(
+            "model.safetensors", f"unreadable, probably truncated ({str(e).splitlines()[0]})"
+        ) from None
+    optimizer = path / "optimizer.pt"
+    if not optimizer.is_file() or optimizer.stat().st_size == 0:
+        raise broken("optimizer.pt", "missing or empty")
 
 
 def checkpoint_config(path: Path) -> dict:
