@@ -163,3 +163,18 @@ def test_resuming_from_a_truncated_checkpoint_names_the_file_and_the_older_one(t
     result = smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "run"), check=False)
     assert_clean_error(result, "step-4: model.safetensors is unreadable", "--checkpoint", "step-2")
     assert folder_bytes(tmp_path / "run") == before
+
+
+def test_data_too_small_fails_at_start_up(tmp_path):
+    """An empty eval split was found at the first evaluation (now before the first step); a
+    corpus smaller than one block trained on (72 s for the first step, re-reading it over and
+    over), now refused after its first whole pass."""
+    import json
+
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("hello world", "short")))
+    # 1 in 10^6 held out of 200 documents: none
+    args = small_run_args(tmp_path, "run", "data.eval_every=1000000")
+    assert_clean_error(smoltrain(*args, check=False), "yielded no eval documents")
+    args = small_run_args(tmp_path, "run", f"data.source={tiny}", f"data.eval_source={tiny}")
+    assert_clean_error(smoltrain(*args, check=False), "fewer than one block of data.context_length=32")

@@ -307,6 +307,7 @@ class TokenStream(IterableDataset):
         eos = self.tokenizer.eos_token_id
         while True:
             ds, parts = self._open_part(st["epoch"])
+            whole_epoch, epoch_tokens = st["source"] is None, 0  # read from its start here
             if st["source"] is not None:
                 ds.load_state_dict(st["source"])
             rng = random.Random(cfg.seed + st["epoch"])
@@ -346,6 +347,7 @@ class TokenStream(IterableDataset):
                         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
                         st["pending"] = [np.array(t + [eos], dtype=np.int32) for t in ids]
                         st["epoch_docs"] += len(texts)
+                        epoch_tokens += sum(len(t) + 1 for t in ids)
                     st["source"] = ds.state_dict()
                     continue
                 # 4. this part of the source is done: drain the buffer in random order
@@ -361,6 +363,12 @@ class TokenStream(IterableDataset):
                         "check that it is not empty, its text column, and data.eval_every"
                     )
                 return  # a tiny source left this rank or worker without a part
+            if self.infinite and cfg.mode == "pack" and whole_epoch and epoch_tokens < cfg.context_length:
+                raise ValueError(
+                    f"data source '{cfg.source_for(self.split)}' holds {epoch_tokens} tokens for this "
+                    f"rank, fewer than one block of data.context_length={cfg.context_length}; lower "
+                    "data.context_length or add documents"
+                )
             if not self.infinite:
                 if st["carry"]:
                     yield self._block(st, len(st["carry"]))  # the last partial block, padded

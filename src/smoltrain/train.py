@@ -329,6 +329,14 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
     return model
 
 
+def check_eval_split(cfg: TrainConfig, tokenizer, accelerator) -> None:
+    """Read the first held-out batch now, so an empty eval split fails at start-up rather
+    than at the first evaluation, hundreds of steps in."""
+    data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
+    loader = build_loader(data_cfg, tokenizer, 1, "eval")
+    next(iter(loader))
+
+
 def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
     """Micro-batches per optimizer step: from train.global_batch_size when it is set."""
     t = cfg.train
@@ -452,6 +460,7 @@ def setup_run(
         snapshot_every=snapshot_every,
     )
 
+    check_eval_split(cfg, tokenizer, accelerator)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     if resume:
