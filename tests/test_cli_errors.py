@@ -178,3 +178,16 @@ def test_data_too_small_fails_at_start_up(tmp_path):
     assert_clean_error(smoltrain(*args, check=False), "yielded no eval documents")
     args = small_run_args(tmp_path, "run", f"data.source={tiny}", f"data.eval_source={tiny}")
     assert_clean_error(smoltrain(*args, check=False), "fewer than one block of data.context_length=32")
+
+
+def test_resume_with_a_changed_batch_is_refused_unless_allowed(tmp_path):
+    """Resuming with --config silently replaced the run's batch, schedule and precision."""
+    smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"))
+    before = folder_bytes(tmp_path / "run")
+    resume = ["--phase", "resume", "--checkpoint", str(tmp_path / "run")]
+    changed = smoltrain(*resume, "train.micro_batch_size=4", "optim.lr=1e-3", "log.log_every=1", check=False)
+    assert_clean_error(changed, "train.micro_batch_size: 2 -> 4", "optim.lr", "--allow-config-changes")
+    assert "log.log_every" not in changed.stderr  # how a run is watched may change
+    assert folder_bytes(tmp_path / "run") == before
+    allowed = smoltrain(*resume, "train.micro_batch_size=4", "--allow-config-changes")
+    assert "done: step" in allowed.stdout

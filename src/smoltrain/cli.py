@@ -117,7 +117,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         "log_every": args.log_every,
         "device": args.device,
     }
-    cfg = config_for_cli(args.config, args.overrides, args.phase, args.checkpoint, flags)
+    cfg = config_for_cli(
+        args.config, args.overrides, args.phase, args.checkpoint, flags, args.allow_config_changes
+    )
     train(
         cfg,
         phase=args.phase,
@@ -205,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=None)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    t.add_argument(
+        "--allow-config-changes",
+        action="store_true",
+        help="resume with batch, schedule, precision or data keys that differ from the checkpoint's",
+    )
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=8")
     t.set_defaults(func=cmd_train)
 

@@ -775,8 +775,11 @@ def config_for_cli(
     phase: str,
     checkpoint: str | None,
     flags: dict[str, Any],
+    allow_config_changes: bool = False,
 ) -> TrainConfig:
-    """The resolved config: a resume starts from the checkpoint's own config."""
+    """The resolved config: a resume starts from the checkpoint's own config, and keys that
+    change the run itself (batch, schedule, precision, data) may differ from it only with
+    `allow_config_changes`."""
     base = None
     if phase == "resume":
         if checkpoint is None:
@@ -791,7 +794,45 @@ def config_for_cli(
             flags = {**flags, "output_dir": str(run_folder)}
     # flags win over the file and the dotted overrides
     dotted = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
-    return load_config(config_path, [*overrides, *dotted], base=base)
+    cfg = load_config(config_path, [*overrides, *dotted], base=base)
+    changed = resume_changes(base, cfg) if base is not None else []
+    if changed and not allow_config_changes:
+        raise TrainingError(
+            f"resuming {ckpt} with a config that changes the run: {'; '.join(changed)}. Pass "
+            "--allow-config-changes to resume with them anyway, or leave them out (the checkpoint's "
+            "own config is the default on resume)"
+        )
+    return cfg
+
+
+# Keys a resume may change freely: how the run is watched and run, not what it computes
+# (model keys are checked against the checkpoint's weights by restore_checkpoint).
+RESUME_SAFE_PREFIXES = ("log.", "resume.", "model.", "output_dir")
+RESUME_SAFE_KEYS = {
+    "train.device",
+    "train.compile",
+    "train.kernels",
+    "train.tune_malloc",
+    "train.peak_flops",
+    "train.mps_empty_cache_every",
+    "train.max_bad_steps",
+    "data.num_workers",
+    "data.tokenize_batch",
+}
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """`key: saved -> new` for each key that changes what a resumed run computes."""
+    before, after = flatten(saved), flatten(cfg.to_dict())
+    changes = []
+    for key, new in after.items():
+        old = before.get(key)
+        if old == new or key in RESUME_SAFE_KEYS or key.startswith(RESUME_SAFE_PREFIXES):
+            continue
+        if key == "data.rank_split" and new == "auto":  # the checkpoint holds what auto chose
+            continue
+        changes.append(f"{key}: {old} -> {new}")
+    return changes
 
 
 def _run_folder(spec: Path) -> Path:
