@@ -191,3 +191,37 @@ def test_resume_with_a_changed_batch_is_refused_unless_allowed(tmp_path):
     assert folder_bytes(tmp_path / "run") == before
     allowed = smoltrain(*resume, "train.micro_batch_size=4", "--allow-config-changes")
     assert "done: step" in allowed.stdout
+
+
+FULL_DISK = """
+import shutil, sys
+from collections import namedtuple
+import torch
+from smoltrain.cli import main
+real_save, saves = torch.save, []
+def save(obj, f, *args, **kwargs):
+    if "step-4" in str(f):  # the second checkpoint: the disk is full
+        shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(10**9, 10**9, 0)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path):
+    """torch.save's message for a full disk never says "disk", and the partial folder stayed,
+    keeping the disk full."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK)
+    args = small_run_args(tmp_path, "run", "--max-steps", "6", "log.checkpoint_every=2")
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert_clean_error(result, "could not write checkpoint step-4: no space left on the device", "step-2")
+    checkpoints = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]  # no partial folder
+    assert (checkpoints / "latest").read_text().strip() == "step-2"
+    resumed = smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "run"))
+    assert "done: step 6" in resumed.stdout

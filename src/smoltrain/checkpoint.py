@@ -8,6 +8,7 @@ resolved config and the run's counters; `COMPLETE` is written last.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -102,11 +103,14 @@ def save_checkpoint(
             publish_folder(tmp, final, replace=True)
             write_atomic(root / "latest", final.name + "\n")
             prune_checkpoints(root, cfg.log.keep_checkpoints)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] ..."
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "StreamWriter" not in str(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would keep the disk full
         latest = resolve_checkpoint_dir(str(root), required=False)
         error = (
-            f"could not write checkpoint step-{state.step}: {e}. "
+            f"could not write checkpoint step-{state.step}: {_write_failure(e, root)}. "
             f"The previous checkpoint ({latest or 'none'}) is intact; free disk space and resume "
             f"with --phase resume --checkpoint {root / 'latest'}"
         )
@@ -114,6 +118,14 @@ def save_checkpoint(
     if error:
         raise TrainingError(error)
     return final
+
+
+def _write_failure(e: Exception, root: Path) -> str:
+    """What went wrong, in words: a full disk says so, whatever the library's message."""
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 64 << 20:
+        return f"no space left on the device of {root} ({free >> 20} MB free; the partial folder was removed)"
+    return str(e).splitlines()[0]
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
