@@ -225,3 +225,55 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path):
     assert (checkpoints / "latest").read_text().strip() == "step-2"
     resumed = smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "run"))
     assert "done: step 6" in resumed.stdout
+
+
+POISON = """
+import sys
+from smoltrain import model as model_module
+from smoltrain.cli import main
+real_forward, calls = model_module.CustomLLM.forward, []
+def forward(self, *args, **kwargs):
+    out = real_forward(self, *args, **kwargs)
+    if self.training:
+        calls.append(1)
+        if 2 * 25 < len(calls) <= 2 * 29 and out.loss is not None:  # steps 26-29 (2 micro-batches each)
+            out.loss = out.loss * 1e15  # a poisoned window of the data
+    return out
+model_module.CustomLLM.forward = forward
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
+    """Four poisoned steps (loss x1e15, unclipped): unguarded, Adam's second moment takes the
+    blow and the run is still behind 90 steps later; guarded, the spikes are skipped, the
+    third rolls the run back to its step-20 checkpoint, the data moves past the poison (the
+    fourth poisoned step, met again, is skipped too) and the run tracks the clean one."""
+    import subprocess
+    import sys
+
+    from .test_train import losses
+
+    script = tmp_path / "poison.py"
+    script.write_text(POISON)
+    common = ["--max-steps", "120", "log.log_every=1", "log.checkpoint_every=20", "optim.grad_clip=0"]
+
+    def run(name, *extra):
+        cmd = [sys.executable, str(script), *small_run_args(tmp_path, name, *common, *extra)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result, losses(tmp_path / name)
+
+    smoltrain(*small_run_args(tmp_path, "clean", *common, "train.spike_factor=0"))
+    clean = losses(tmp_path / "clean")
+    _, unguarded = run("unguarded", "train.spike_factor=0")  # the quickstart's guard off
+    guarded_run, guarded = run("guarded", "train.spike_factor=3", "train.spike_window=10")
+    assert "rolled back to step 20" in guarded_run.stderr and "loss spikes skipped" in guarded_run.stdout
+    events = [r for r in metric_rows(tmp_path / "guarded") if r.get("event") == "rolled_back"]
+    assert events and events[0]["spike_steps"] == [26, 27, 28]
+    tail = {
+        name: sum(curve[s] for s in range(101, 121)) / 20
+        for name, curve in (("clean", clean), ("unguarded", unguarded), ("guarded", guarded))
+    }
+    assert tail["unguarded"] > tail["guarded"] + 0.1, tail  # 90 steps later, still behind
+    assert abs(tail["guarded"] - tail["clean"]) < 0.1, tail

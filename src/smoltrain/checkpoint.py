@@ -41,6 +41,8 @@ class RunState:
     bad_steps: int = 0  # NaN/inf steps in a row
     skipped_steps: int = 0  # NaN/inf steps in total
     overflow_steps: int = 0  # fp16 batches whose gradients overflowed (not counted as steps)
+    spike_steps: int = 0  # steps the loss-spike guard skipped
+    rollbacks: int = 0  # times the guard rolled the run back to its last checkpoint
     elapsed: float = 0.0  # training seconds before this process
 
 

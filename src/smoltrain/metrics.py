@@ -31,6 +31,14 @@ class MetricsLog:
         if self.accelerator.trackers:
             self.accelerator.log(numeric, step=step)
 
+    def truncate(self, step: int) -> None:
+        """Drop the lines past `step` (a rollback redoes those steps), then append again."""
+        if self.file is None:
+            return
+        self.file.close()
+        truncate_metrics(Path(self.file.name), step)
+        self.file = open(self.file.name, "a", buffering=1)
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -91,7 +99,9 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
         f"done: step {summary['step']} in {summary['seconds']:.0f}s, train loss {fmt(summary['loss'])}, "
         f"eval loss {fmt(summary['eval_loss'])}"
         + (f", {summary['skipped_steps']} non-finite steps skipped" if summary["skipped_steps"] else "")
-        + (f", {n} fp16 overflows retried at a lower scale" if (n := summary.get("overflow_steps")) else ""),
+        + (f", {n} fp16 overflows retried at a lower scale" if (n := summary.get("overflow_steps")) else "")
+        + (f", {n} loss spikes skipped" if (n := summary.get("spike_steps")) else "")
+        + (f", {n} rollback(s) to a checkpoint" if (n := summary.get("rollbacks")) else ""),
         f"  metrics     {out / 'metrics.jsonl'}",
         f"  plot        {out / 'loss.png'}",
         f"  checkpoint  {checkpoints / 'latest'}",

@@ -13,12 +13,14 @@ An output folder holds `metrics.jsonl`, `checkpoints/step-N/` + `checkpoints/lat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,7 +49,14 @@ from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import MetricsLog, flatten, plot_losses, print_end, print_start, truncate_metrics
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
-from smoltrain.parallel import broadcast_object, clip_grad_norm, full_model_state, gradient_sync, shard_model
+from smoltrain.parallel import (
+    broadcast_object,
+    clip_grad_norm,
+    full_model_state,
+    gradient_sync,
+    load_training_state,
+    shard_model,
+)
 from smoltrain.perf import cpu_training_tweaks
 from smoltrain.train_config import ScheduleConfig, TrainConfig, config_warnings, load_config
 
@@ -388,6 +397,8 @@ class Run:
     bar: Any
     scaler: torch.amp.GradScaler | None  # fp16's loss scaling
     lock: FolderLock | None  # the output folder's, held by rank 0
+    good_steps: deque = field(default_factory=deque)  # (loss, grad norm) of recent good steps
+    recent_spikes: deque = field(default_factory=deque)  # steps the spike guard skipped
     window: Window = field(default_factory=Window)
     last: dict[str, float] = field(default_factory=dict)  # the latest logged figures
     start_step: int = 0
@@ -621,6 +632,25 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
                 "check the data (under fp16, try bf16 or fp32), then resume from it"
             )
         return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
+    if is_spike(run, loss_value, grad_norm_value):
+        run.optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+        state.step += 1
+        state.spike_steps += 1
+        run.recent_spikes.append(state.step)
+        run.metrics.write(
+            state.step, event="spike_skipped", spike_loss=loss_value, spike_grad_norm=grad_norm_value
+        )
+        if accelerator.is_main_process:
+            print(
+                f"step {state.step}: loss {loss_value:.3f} / grad norm {grad_norm_value:.3f} spiked; skipped",
+                file=sys.stderr,
+            )
+        return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
+    run.good_steps.append((loss_value, grad_norm_value))
+    if len(run.good_steps) > cfg.train.spike_window:
+        run.good_steps.popleft()
     # the norm was finite, so are the gradients: step without GradScaler.step's own host sync
     run.optimizer.step()
     if scaler:
@@ -633,6 +663,61 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     run.window.steps += 1
     run.bar.update(1)
     return StepResult(loss_value, grad_norm_value, lr, skipped=False, stop=stop)
+
+
+def is_spike(run: Run, loss: float, grad_norm: float) -> bool:
+    """Whether the loss or the grad norm jumps above `train.spike_factor` times its mean over
+    the last `train.spike_window` good steps (judged once that many are seen; every rank
+    decides alike, from the reduced figures)."""
+    t = run.cfg.train
+    if t.spike_factor <= 0 or len(run.good_steps) < t.spike_window:
+        return False
+    mean_loss = sum(loss for loss, _ in run.good_steps) / len(run.good_steps)
+    mean_norm = sum(norm for _, norm in run.good_steps) / len(run.good_steps)
+    return loss > t.spike_factor * mean_loss or (mean_norm > 0 and grad_norm > t.spike_factor * mean_norm)
+
+
+def roll_back_if_spiking(run: Run) -> None:
+    """After `train.spike_rollback` skipped spikes within `train.spike_window` steps, load the
+    last checkpoint's weights, optimizer and counters, and go on with the data where it is:
+    the window that caused the spikes is not read again."""
+    t, state = run.cfg.train, run.state
+    while run.recent_spikes and run.recent_spikes[0] <= state.step - t.spike_window:
+        run.recent_spikes.popleft()
+    if len(run.recent_spikes) < t.spike_rollback:
+        return
+    is_main = run.accelerator.is_main_process
+    latest = resolve_checkpoint_dir(str(checkpoint_root(run.out)), required=False) if is_main else None
+    target = broadcast_object(str(latest) if latest else None, run.accelerator)
+    if target is None:
+        raise TrainingError(
+            f"{len(run.recent_spikes)} loss spikes within {t.spike_window} steps at step {state.step} "
+            "and no checkpoint to roll back to; lower optim.lr, check the data, or raise train.spike_factor"
+        )
+    saved = json.loads((Path(target) / "trainer_state.json").read_text()) if is_main else None
+    saved = broadcast_object(saved, run.accelerator)
+    load_training_state(
+        run.raw_model,
+        run.torch_optimizer,
+        Path(target) if is_main else None,
+        run.raw_model.config.tie_word_embeddings,
+        run.accelerator.num_processes > 1,
+    )
+    if run.scaler is not None and "grad_scaler" in saved:
+        run.scaler.load_state_dict(saved["grad_scaler"])
+    spiked, back_to = list(run.recent_spikes), saved["state"]["step"]
+    run.metrics.truncate(back_to)
+    if is_main:
+        print(
+            f"step {state.step}: {len(spiked)} loss spikes ({spiked}); rolled back to step "
+            f"{back_to}, the data moves on",
+            file=sys.stderr,
+        )
+    state.step, state.tokens = back_to, saved["state"]["tokens"]
+    state.rollbacks += 1
+    run.metrics.write(back_to, event="rolled_back", spike_steps=spiked, rolled_back_from=spiked[-1])
+    run.recent_spikes.clear()  # the good steps' history stays: the guard stays armed
+    run.window = Window()
 
 
 def _due(run: Run, every: int) -> bool:
@@ -729,6 +814,8 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "seconds": state.elapsed,
         "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps,
+        "spike_steps": state.spike_steps,
+        "rollbacks": state.rollbacks,
         "output_dir": str(out),
         "interrupted": interrupted,
     }
@@ -762,6 +849,7 @@ def train(
             result = train_step(run, stop_requested=stop.signal is not None)
             stopping = result.stop
             if result.skipped and not stopping:
+                roll_back_if_spiking(run)
                 continue
             run_periodic_jobs(run, result, stopping)
             if stopping:

@@ -64,6 +64,12 @@ class TrainLoopConfig:
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     loss_scale: float = 65536.0  # fp16: GradScaler's initial scale (halved at each overflow)
+    # Loss-spike guard (0: off): a step whose loss or grad norm exceeds spike_factor x its mean
+    # over the last spike_window good steps is skipped; spike_rollback such skips within
+    # spike_window steps roll the run back to its last checkpoint, the data moving on.
+    spike_factor: float = 0.0
+    spike_window: int = 50
+    spike_rollback: int = 3
     mps_empty_cache_every: int = 50  # release cached MPS memory every N steps (0: never)
     peak_flops: float | None = (
         None  # device peak FLOP/s for MFU; None: a known GPU's datasheet, else measured
@@ -182,6 +188,8 @@ AT_LEAST_ONE = (
     "train.micro_batch_size",
     "train.grad_accum_steps",
     "train.max_bad_steps",
+    "train.spike_window",
+    "train.spike_rollback",
     "schedule.max_steps",
     "log.log_every",
     "log.eval_every",
@@ -198,6 +206,7 @@ AT_LEAST_ZERO = (
     "schedule.warmup_steps",
     "schedule.past_end_lr",
     "train.mps_empty_cache_every",
+    "train.spike_factor",
     "data.num_workers",
     "data.shuffle_buffer",
     "log.sample_tokens",
