@@ -168,7 +168,7 @@ def test_resuming_from_a_truncated_checkpoint_names_the_file_and_the_older_one(t
 def test_data_too_small_fails_at_start_up(tmp_path):
     """An empty eval split was found at the first evaluation (now before the first step); a
     corpus smaller than one block trained on (72 s for the first step, re-reading it over and
-    over), now refused after its first whole pass."""
+    over), now refused at start-up too, after one pass over it."""
     import json
 
     tiny = tmp_path / "tiny.jsonl"
@@ -178,6 +178,7 @@ def test_data_too_small_fails_at_start_up(tmp_path):
     assert_clean_error(smoltrain(*args, check=False), "yielded no eval documents")
     args = small_run_args(tmp_path, "run", f"data.source={tiny}", f"data.eval_source={tiny}")
     assert_clean_error(smoltrain(*args, check=False), "fewer than one block of data.context_length=32")
+    assert not (tmp_path / "run/metrics.jsonl").exists()  # refused before the run began
 
 
 def test_resume_with_a_changed_batch_is_refused_unless_allowed(tmp_path):
@@ -228,16 +229,17 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path):
 
 
 POISON = """
-import sys
+import os, sys
 from smoltrain import model as model_module
+POISON, WINDOW = float(os.environ["POISON"]), int(os.environ["WINDOW"])
 from smoltrain.cli import main
 real_forward, calls = model_module.CustomLLM.forward, []
 def forward(self, *args, **kwargs):
     out = real_forward(self, *args, **kwargs)
     if self.training:
         calls.append(1)
-        if 2 * 25 < len(calls) <= 2 * 29 and out.loss is not None:  # steps 26-29 (2 micro-batches each)
-            out.loss = out.loss * 1e15  # a poisoned window of the data
+        if 2 * 25 < len(calls) <= 2 * (25 + WINDOW) and out.loss is not None:  # 2 micro-batches a step
+            out.loss = out.loss * POISON  # a poisoned window of the data
     return out
 model_module.CustomLLM.forward = forward
 main(["train", *sys.argv[1:]])
@@ -249,6 +251,7 @@ def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     blow and the run is still behind 90 steps later; guarded, the spikes are skipped, the
     third rolls the run back to its step-20 checkpoint, the data moves past the poison (the
     fourth poisoned step, met again, is skipped too) and the run tracks the clean one."""
+    import os
     import subprocess
     import sys
 
@@ -258,10 +261,11 @@ def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     script.write_text(POISON)
     common = ["--max-steps", "120", "log.log_every=1", "log.checkpoint_every=20", "optim.grad_clip=0"]
 
-    def run(name, *extra):
+    def run(name, *extra, poison="1e15", window="4", check=True):
         cmd = [sys.executable, str(script), *small_run_args(tmp_path, name, *common, *extra)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        env = {**os.environ, "POISON": poison, "WINDOW": window}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0 or not check, result.stderr[-3000:]
         return result, losses(tmp_path / name)
 
     smoltrain(*small_run_args(tmp_path, "clean", *common, "train.spike_factor=0"))
@@ -277,3 +281,9 @@ def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     }
     assert tail["unguarded"] > tail["guarded"] + 0.1, tail  # 90 steps later, still behind
     assert abs(tail["guarded"] - tail["clean"]) < 0.1, tail
+    # a window of 6 NaN losses: the unguarded run stops at max_bad_steps (5); the guard rolls
+    # back (twice: the window is met again after the first) and the run reaches its end
+    died, _ = run("nan-unguarded", "train.spike_factor=0", poison="nan", window="6", check=False)
+    assert_clean_error(died, "5 non-finite steps in a row")
+    lived, _ = run("nan-guarded", "train.spike_factor=3", "train.spike_window=10", poison="nan", window="6")
+    assert "rolled back to step 20" in lived.stderr and "done: step 120" in lived.stdout

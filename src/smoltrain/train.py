@@ -338,12 +338,14 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
     return model
 
 
-def check_eval_split(cfg: TrainConfig, tokenizer, accelerator) -> None:
-    """Read the first held-out batch now, so an empty eval split fails at start-up rather
-    than at the first evaluation, hundreds of steps in."""
+def check_data_at_start(cfg: TrainConfig, tokenizer, accelerator) -> None:
+    """Read this rank's first training block and the first held-out batch now (a few
+    documents each), so that a source too small for one block or an empty eval split fails
+    at start-up rather than at the first step or evaluation."""
     data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
-    loader = build_loader(data_cfg, tokenizer, 1, "eval")
-    next(iter(loader))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    next(iter(build_loader(data_cfg, tokenizer, 1, "train", rank, world)))
+    next(iter(build_loader(data_cfg, tokenizer, 1, "eval")))
 
 
 def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
@@ -399,6 +401,7 @@ class Run:
     lock: FolderLock | None  # the output folder's, held by rank 0
     good_steps: deque = field(default_factory=deque)  # (loss, grad norm) of recent good steps
     recent_spikes: deque = field(default_factory=deque)  # steps the spike guard skipped
+    rollbacks_to: dict = field(default_factory=dict)  # checkpoint -> times rolled back to it
     window: Window = field(default_factory=Window)
     last: dict[str, float] = field(default_factory=dict)  # the latest logged figures
     start_step: int = 0
@@ -471,7 +474,7 @@ def setup_run(
         snapshot_every=snapshot_every,
     )
 
-    check_eval_split(cfg, tokenizer, accelerator)
+    check_data_at_start(cfg, tokenizer, accelerator)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     if resume:
@@ -623,6 +626,8 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
         state.step += 1
         state.bad_steps += 1
         state.skipped_steps += 1
+        if cfg.train.spike_factor > 0:  # the guard counts it as a spike: a rollback comes first
+            run.recent_spikes.append(state.step)
         if accelerator.is_main_process:
             print(f"step {state.step}: loss {loss_value} is not finite; skipped", file=sys.stderr)
         if state.bad_steps >= cfg.train.max_bad_steps:
@@ -696,6 +701,13 @@ def roll_back_if_spiking(run: Run) -> None:
         )
     saved = json.loads((Path(target) / "trainer_state.json").read_text()) if is_main else None
     saved = broadcast_object(saved, run.accelerator)
+    times = run.rollbacks_to.get(target, 0) + 1
+    if times > 3:
+        raise TrainingError(
+            f"rolled back to {target} 3 times and the spikes persist (step {state.step}); lower "
+            "optim.lr or check the data, then resume from that checkpoint"
+        )
+    run.rollbacks_to[target] = times
     load_training_state(
         run.raw_model,
         run.torch_optimizer,
@@ -717,6 +729,7 @@ def roll_back_if_spiking(run: Run) -> None:
     state.rollbacks += 1
     run.metrics.write(back_to, event="rolled_back", spike_steps=spiked, rolled_back_from=spiked[-1])
     run.recent_spikes.clear()  # the good steps' history stays: the guard stays armed
+    state.bad_steps = 0
     run.window = Window()
 
 
