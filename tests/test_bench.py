@@ -2,9 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_every_path(tmp_path):
     out = tmp_path / "RESULTS.md"
     result = subprocess.run(

@@ -246,6 +246,7 @@ main(["train", *sys.argv[1:]])
 """
 
 
+@pytest.mark.slow
 def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     """Four poisoned steps (loss x1e15, unclipped): unguarded, Adam's second moment takes the
     blow and the run is still behind 90 steps later; guarded, the spikes are skipped, the

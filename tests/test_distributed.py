@@ -6,7 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .test_train import losses, small_run_args
+
+pytestmark = pytest.mark.slow  # every test here launches processes with torchrun
 
 
 def launch(

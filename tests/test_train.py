@@ -434,6 +434,7 @@ def test_a_run_with_eval_sample_and_checkpoint_obeys_mps_rules(tmp_path):
             torch.zeros(2, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling_on_cpu_survives_overflows_and_tracks_fp32(tmp_path):
     """fp16 autocast with a GradScaler runs on CPU (it was refused: "needs CUDA"). At the
     default scale it tracks fp32 step by step; from a scale that overflows, the overflowed
