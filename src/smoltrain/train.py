@@ -839,6 +839,9 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         print_end(summary, out, checkpoint_root(out))
     run.metrics.close()
+    # all ranks tear the process group down together: a rank that exits while another still
+    # exports can die in gloo's teardown (SIGABRT, "terminate called without an active exception")
+    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     if run.lock:
         run.lock.release()
