@@ -1,4 +1,4 @@
-"""The `smoltrain` command: train, generate, convert and serve SmolLM2-class models."""
+"""The `smoltrain` command: prepare data, train, generate, convert and serve SmolLM2-class models."""
 
 from __future__ import annotations
 
@@ -129,6 +129,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from smoltrain.shards import PrepareJob, prepare
+
+    job = PrepareJob(
+        source=args.source,
+        out_dir=str(args.out_dir),
+        tokenizer=args.tokenizer,
+        workers=args.workers,
+        eval_every=args.eval_every,
+        text_column=args.text_column,
+        txt_documents=args.txt_documents,
+        shard_documents=args.shard_documents,
+    )
+    m = prepare(job, overwrite=args.overwrite, progress=not args.no_progress)
+    print(
+        f"prepared {m['documents']:,} training documents ({m['tokens']:,} tokens) and "
+        f"{m['eval_documents']:,} held-out ({m['eval_tokens']:,} tokens) in {len(m['shards'])} shard(s), "
+        f"{m['dtype']}, at {m['tokens_per_second'] or 0:,} tokens/s -> {args.out_dir}; "
+        f"train with data.source={args.out_dir}"
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from smoltrain.app import build_app
     from smoltrain.device import pick_device
@@ -189,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32")
     c.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
     c.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a source once into shards that training reads (data.source=OUT_DIR)",
+        description="Tokenize SOURCE (anything data.source accepts) into shards of token ids in OUT_DIR; "
+        "an interrupted prepare resumes when run again.",
+    )
+    p.add_argument("source", help="hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs")
+    p.add_argument("out_dir", type=Path, help="output folder (new, empty, or an interrupted prepare)")
+    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer spec, as the config's tokenizer key")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--eval-every", type=int, default=200, help="hold out 1 in K documents (0: none)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
+    p.add_argument("--shard-documents", type=int, default=10_000, help="source documents per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser(
         "train",

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 REFERENCE_SOURCE = "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2"
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class MixtureEntry:
+    source: str = BUILTIN_PYTHON_DOCS  # anything data.source accepts, prepared shards included
+    weight: float = 1.0  # relative share of training sequences (tokens, in pack mode)
+
+
+@dataclass
+class Stage:
+    until_step: int | None = None  # the stage's last step (None: to the end; the last one runs on)
+    mixture: list[MixtureEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +73,12 @@ class DataConfig:
     # makes), micro_batch otherwise.
     rank_split: str = "auto"
     tokenize_batch: int = 64  # documents per call to the fast tokenizer
+    # Weighted sources instead of `source` (see smoltrain/mixture.py): sequences are drawn
+    # in a fixed interleave whose shares are the weights; each source has its own epochs.
+    mixture: list[MixtureEntry] = field(default_factory=list)
+    # Mixtures by training step (annealing, continued pre-training): stage i runs until
+    # its until_step, then stage i+1's mixture takes over.
+    stages: list[Stage] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in ("pack", "pad"):
@@ -76,6 +94,31 @@ class DataConfig:
         if self.eval_every < 2:
             raise ValueError(
                 f"data.eval_every must be >= 2 (1 in N documents held out), got {self.eval_every}"
+            )
+
+        if self.mixture and self.stages:
+            raise ValueError("give data.mixture or data.stages (each stage has its own mixture), not both")
+        for where, mixture in [("data.mixture", self.mixture)] + [
+            (f"data.stages[{i}].mixture", s.mixture) for i, s in enumerate(self.stages)
+        ]:
+            if where != "data.mixture" and not mixture:
+                raise ValueError(f"{where} is empty; give each stage at least one source")
+            for entry in mixture:
+                if not entry.weight > 0:
+                    raise ValueError(
+                        f"{where}: the weight of '{entry.source}' must be above 0, got {entry.weight}"
+                    )
+            specs = [e.source for e in mixture]
+            if len(set(specs)) != len(specs):
+                raise ValueError(
+                    f"{where} names a source twice ({specs}); give each once, with its total weight"
+                )
+        untils = [s.until_step for s in self.stages[:-1]]
+        if any(u is None for u in untils):
+            raise ValueError("data.stages: every stage but the last needs an until_step")
+        if any(u < 1 for u in untils) or untils != sorted(set(untils)):
+            raise ValueError(
+                f"data.stages: until_step must be at least 1 and increase from stage to stage, got {untils}"
             )
 
     def source_for(self, split: str) -> str:
@@ -491,14 +534,24 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     snapshot_every: int = 1,
+    samples_per_step: int | None = None,
 ):
     """A resumable loader (`state_dict()` / `load_state_dict()`) of this rank's micro-batches
     (see `DataConfig.rank_split`, `auto` read as on CPU). The train split is endless (epoch
     after epoch); eval is one pass. `pin_memory` for copies to a GPU that overlap compute.
     Workers send their state (the shuffle buffer included) every `snapshot_every` batches,
     the checkpoint interval in training: a state asked for in between replays the batches
-    since the last one on resume, so it stays exact."""
+    since the last one on resume, so it stays exact. Prepared shards, mixtures and stages
+    (`samples_per_step`: sequences per optimizer step, where stages switch) are served by
+    `smoltrain.mixture`, each rank reading its own micro-batches."""
     from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from smoltrain.mixture import build_plan_loader, uses_plan
+
+    if uses_plan(cfg):
+        return build_plan_loader(
+            cfg, tokenizer, batch_size, split, rank, world_size, samples_per_step, pin_memory, snapshot_every
+        )
 
     open_fn = _open_fn(cfg, split)
     open_fn()  # fail here, with the source's message, rather than inside a worker

@@ -47,6 +47,7 @@ from smoltrain.device import cuda_training_settings, peak_flops, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import MetricsLog, flatten, plot_losses, print_end, print_start, truncate_metrics
+from smoltrain.mixture import uses_plan
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
 from smoltrain.parallel import (
@@ -338,13 +339,13 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
     return model
 
 
-def check_data_at_start(cfg: TrainConfig, tokenizer, accelerator) -> None:
+def check_data_at_start(cfg: TrainConfig, tokenizer, accelerator, samples_per_step: int) -> None:
     """Read this rank's first training block and the first held-out batch now (a few
     documents each), so that a source too small for one block or an empty eval split fails
     at start-up rather than at the first step or evaluation."""
     data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
     rank, world = accelerator.process_index, accelerator.num_processes
-    next(iter(build_loader(data_cfg, tokenizer, 1, "train", rank, world)))
+    next(iter(build_loader(data_cfg, tokenizer, 1, "train", rank, world, samples_per_step=samples_per_step)))
     next(iter(build_loader(data_cfg, tokenizer, 1, "eval")))
 
 
@@ -442,7 +443,10 @@ def setup_run(
     resume = phase == "resume"
     resume_dir = resolve_checkpoint_dir(checkpoint) if resume and accelerator.is_main_process else None
     device, world, t = accelerator.device, accelerator.num_processes, cfg.train
-    split = resolve_rank_split(cfg.data.rank_split, device.type, world)
+    # shards and mixtures: each rank reads its own micro-batches of one global order
+    split = (
+        "micro_batch" if uses_plan(cfg.data) else resolve_rank_split(cfg.data.rank_split, device.type, world)
+    )
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rank_split=split))
     precision = pick_precision(t.precision, device.type)
     set_seed(t.seed)
@@ -472,9 +476,10 @@ def setup_run(
         world,
         pin_memory=device.type == "cuda",
         snapshot_every=snapshot_every,
+        samples_per_step=t.micro_batch_size * accum * world,
     )
 
-    check_data_at_start(cfg, tokenizer, accelerator)
+    check_data_at_start(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     if resume:
@@ -749,7 +754,8 @@ def log_progress(run: Run, result: StepResult) -> None:
         "mfu": tok_s * run.flops_per_token / (run.peak_flops * run.accelerator.num_processes),
         "tokens": run.state.tokens,
     }
-    run.metrics.write(step, **run.last)
+    by_source = run.loader.source_tokens() if hasattr(run.loader, "source_tokens") else {}
+    run.metrics.write(step, **run.last, **({"source_tokens": by_source} if len(by_source) > 1 else {}))
     run.bar.set_postfix(loss=f"{run.last['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
     run.window = Window()
 
@@ -802,6 +808,15 @@ def run_periodic_jobs(run: Run, result: StepResult, stopping: bool = False) -> N
         run.bar.write(f"torch.compile: the first step took {compile_s:.1f}s, compilation included")
     if _due(run, run.log_every):
         log_progress(run, result)
+    stage_steps = getattr(run.loader, "stage_steps", [])
+    if step in stage_steps:  # data.stages: the next step draws from the next mixture
+        stage = stage_steps.index(step) + 1
+        mixture = ", ".join(f"{e.source} x{e.weight:g}" for e in cfg.data.stages[stage].mixture)
+        run.metrics.write(step, stage=stage)
+        if run.accelerator.is_main_process:
+            run.bar.write(
+                f"step {step}: stage {stage + 1} of {len(cfg.data.stages)} from the next step: {mixture}"
+            )
     jobs_start = time.perf_counter()
     if _due(run, cfg.log.eval_every):
         evaluate_and_log(run)

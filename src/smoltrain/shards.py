@@ -1,0 +1,343 @@
+"""Pre-tokenized shards: `smoltrain prepare SOURCE OUT_DIR` writes them, `data.source=OUT_DIR`
+trains from them.
+
+Layout of OUT_DIR (numpy `.npy` files, memory-mapped when read: no extra dependency, any
+tool reads them, and a block is one slice of a page-cached file):
+
+    shard-00000.train.npy       token ids, EOS after every document (uint16 when the
+    shard-00000.train.docs.npy  vocabulary fits, else uint32); document start offsets + end
+    shard-00000.eval.npy        the held-out documents of the same chunk, likewise
+    shard-00000.eval.docs.npy
+    shard-00000.json            the shard's counts, written after its arrays: "this one is done"
+    prepare.json                what is being prepared (source, tokenizer, split): resume key
+    manifest.json               written last and atomically: the dataset is complete
+
+Shard i holds source documents [i * shard_documents, (i + 1) * shard_documents), whatever
+the number of workers, so 1 and N workers write the same bytes, and an interrupted prepare
+resumes at the first shard without its .json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+PROGRESS = "prepare.json"
+FORMAT = "smoltrain-shards/1"
+SPLITS = ("train", "eval")
+
+
+def is_prepared(spec: str | Path) -> bool:
+    """A folder written by `smoltrain prepare` (a data.source of that kind)."""
+    return not str(spec).startswith(("hf:", "builtin:")) and (Path(spec).expanduser() / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder).expanduser() / MANIFEST).read_text())
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """What makes token ids mean the same: a hash of the tokenizer's full definition (its
+    `tokenizer.json`), its EOS id and size. Two specs naming the same tokenizer match."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return {
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "eos_token_id": tokenizer.eos_token_id,
+        "size": len(tokenizer),
+    }
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+@dataclass
+class PrepareJob:
+    """What `prepare` writes; the fields that decide the bytes are the resume key."""
+
+    source: str
+    out_dir: str
+    tokenizer: str = "smollm2"
+    workers: int = 1
+    eval_every: int = 200  # hold out 1 in N documents (by content hash, as in training); 0: none
+    text_column: str = "text"
+    txt_documents: str = "file"
+    shard_documents: int = 10_000  # source documents per shard
+    tokenize_batch: int = 256  # documents per call to the fast tokenizer
+
+    def key(self, identity: dict[str, Any]) -> dict[str, Any]:
+        fields = asdict(self)
+        for transient in ("out_dir", "workers", "tokenize_batch"):
+            del fields[transient]
+        return {"format": FORMAT, **fields, "tokenizer_sha256": identity["sha256"]}
+
+
+_worker_tokenizer: Any = None
+
+
+def _init_worker(tokenizer_spec: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    from smoltrain.tokenizer import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_spec)
+
+
+def _tokenize(texts: list[str], tokenizer, dtype: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` (EOS after each) and the document offsets (starts, then the end)."""
+    eos, pieces, lengths = tokenizer.eos_token_id, [], [0]
+    for i in range(0, len(texts), batch):
+        for ids in tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray([*ids, eos], dtype=dtype))
+            lengths.append(len(ids) + 1)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    return tokens, np.cumsum(lengths, dtype=np.int64)
+
+
+def _write_shard(out: str, index: int, texts: list[str], job: dict[str, Any], dtype: str) -> dict[str, int]:
+    """Tokenize one chunk of documents and write its files, the .json last (in a worker)."""
+    from smoltrain.atomic import write_atomic
+    from smoltrain.data import is_eval_document
+
+    every = job["eval_every"]
+    held_out = [bool(every) and is_eval_document(t, every) for t in texts]
+    parts = {
+        "train": [t for t, h in zip(texts, held_out, strict=True) if not h],
+        "eval": [t for t, h in zip(texts, held_out, strict=True) if h],
+    }
+    counts = {"index": index}
+    for split, docs in parts.items():
+        tokens, offsets = _tokenize(docs, _worker_tokenizer, dtype, job["tokenize_batch"])
+        stem = Path(out) / f"shard-{index:05d}.{split}"
+        write_atomic(stem.with_name(stem.name + ".npy"), lambda p, a=tokens: _save_npy(p, a))
+        write_atomic(stem.with_name(stem.name + ".docs.npy"), lambda p, a=offsets: _save_npy(p, a))
+        prefix = "" if split == "train" else "eval_"
+        counts.update({f"{prefix}documents": len(docs), f"{prefix}tokens": int(len(tokens))})
+    write_atomic(Path(out) / f"shard-{index:05d}.json", json.dumps(counts) + "\n")
+    return counts
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would add ".npy" to the staging name
+        np.save(f, array, allow_pickle=False)
+
+
+def _chunks(job: PrepareJob, done: set[int]) -> Iterator[tuple[int, list[str]]]:
+    """(shard index, its documents) in source order; finished shards are read past, not kept."""
+    from smoltrain.data import open_source
+
+    chunk, index = [], 0
+    for n, row in enumerate(open_source(job.source, job.text_column, job.txt_documents)):
+        index = n // job.shard_documents
+        if index in done:
+            continue
+        chunk.append(row["text"])
+        if len(chunk) == job.shard_documents:
+            yield index, chunk
+            chunk = []
+    if chunk:
+        yield index, chunk
+
+
+def _check_out_dir(out: Path, key: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix a new dataset into a folder that holds something else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"'{out}' is a file; give prepare a folder (new, or one it is resuming)")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            (out / MANIFEST).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
+            shutil.rmtree(out)
+        elif (out / MANIFEST).is_file():
+            raise ValueError(
+                f"'{out}' already holds a prepared dataset; pass --overwrite to replace it, or "
+                "give another OUT_DIR"
+            )
+        elif not (out / PROGRESS).is_file():
+            raise ValueError(
+                f"'{out}' is not empty and holds no prepare in progress; give a new or empty "
+                "OUT_DIR, or pass --overwrite to replace its content"
+            )
+        else:
+            started = json.loads((out / PROGRESS).read_text())
+            changed = sorted(k for k in set(key) | set(started) if key.get(k) != started.get(k))
+            if changed:
+                was = ", ".join(f"{k}={started.get(k)!r}" for k in changed)
+                raise ValueError(
+                    f"'{out}' holds an interrupted prepare with other settings ({was}); run it again "
+                    "with those to resume it, or pass --overwrite to start over"
+                )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"cannot write to '{out}' ({e.strerror or e}); give an OUT_DIR you can write to"
+        ) from None
+
+
+def _done_shards(out: Path) -> dict[int, dict[str, int]]:
+    done = {}
+    for marker in sorted(out.glob("shard-*.json")):
+        counts = json.loads(marker.read_text())
+        if all(
+            (out / f"shard-{counts['index']:05d}.{s}{ext}").is_file()
+            for s in SPLITS
+            for ext in (".npy", ".docs.npy")
+        ):
+            done[counts["index"]] = counts
+    return done
+
+
+def prepare(job: PrepareJob, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Tokenize `job.source` into shards in `job.out_dir` with `job.workers` processes and
+    write the manifest; resumes an interrupted prepare of the same job. Returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from smoltrain.atomic import write_atomic
+    from smoltrain.tokenizer import load_tokenizer
+
+    if job.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {job.workers}")
+    if job.eval_every == 1 or job.eval_every < 0:
+        raise ValueError(f"--eval-every must be 0 (hold nothing out) or at least 2, got {job.eval_every}")
+    if job.shard_documents < 1:
+        raise ValueError(f"--shard-documents must be at least 1, got {job.shard_documents}")
+    out = Path(job.out_dir).expanduser()
+    tokenizer = load_tokenizer(job.tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer '{job.tokenizer}' has no EOS token; documents need one as separator")
+    identity = tokenizer_identity(tokenizer)
+    key = job.key(identity)
+    _check_out_dir(out, key, overwrite)
+    write_atomic(out / PROGRESS, json.dumps(key, indent=2) + "\n")
+    for leftover in out.glob(".*.tmp-*"):  # a killed writer's staging file
+        leftover.unlink(missing_ok=True)
+    done = _done_shards(out)
+    dtype = token_dtype(identity["size"])
+    args = {"eval_every": job.eval_every, "tokenize_batch": job.tokenize_batch}
+    bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc="prepare", smoothing=0.1)
+    if done:
+        bar.write(f"resuming: {len(done)} shard(s) already written are kept")
+    new_tokens, start = 0, time.perf_counter()
+
+    def finished(counts: dict[str, int]) -> None:
+        nonlocal new_tokens
+        done[counts["index"]] = counts
+        new_tokens += counts["tokens"] + counts["eval_tokens"]
+        bar.update(counts["tokens"] + counts["eval_tokens"])
+        bar.set_postfix(
+            shards=len(done), docs=sum(c["documents"] + c["eval_documents"] for c in done.values())
+        )
+
+    if job.workers == 1:
+        _init_worker(job.tokenizer)
+        for index, texts in _chunks(job, set(done)):
+            finished(_write_shard(str(out), index, texts, args, dtype))
+    else:
+        # processes, not threads: the tokenizer's Python side holds the GIL. At most two
+        # chunks per worker in flight, so a large source is never read into memory whole.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(job.workers, initializer=_init_worker, initargs=(job.tokenizer,)) as pool:
+            pending: deque = deque()
+            for index, texts in _chunks(job, set(done)):
+                pending.append(pool.apply_async(_write_shard, (str(out), index, texts, args, dtype)))
+                while len(pending) >= 2 * job.workers:
+                    finished(pending.popleft().get())
+            while pending:
+                finished(pending.popleft().get())
+    bar.close()
+    shards = [done[i] for i in sorted(done)]
+    if not shards or sum(s["documents"] + s["eval_documents"] for s in shards) == 0:
+        raise ValueError(f"data source '{job.source}' holds no documents; check the path and its text column")
+    seconds = time.perf_counter() - start
+    manifest = {
+        **key,
+        "tokenizer_identity": identity,
+        "dtype": dtype,
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "eval_documents": sum(s["eval_documents"] for s in shards),
+        "eval_tokens": sum(s["eval_tokens"] for s in shards),
+        "shards": shards,
+        "prepare_seconds": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds) if seconds > 0 else None,
+    }
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def check_tokenizer(folder: str | Path, manifest: dict[str, Any], tokenizer) -> None:
+    """Token ids only mean something under the tokenizer that made them."""
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"'{folder}' was written by another smoltrain version (format {manifest.get('format')}, "
+            f"this one reads {FORMAT}); prepare it again"
+        )
+    if manifest["tokenizer_sha256"] != tokenizer_identity(tokenizer)["sha256"]:
+        raise ValueError(
+            f"data source '{folder}' was prepared with tokenizer '{manifest['tokenizer']}', which differs "
+            f"from this run's ('{tokenizer.name_or_path}'); set tokenizer: {manifest['tokenizer']} in the "
+            "config, or prepare the data again with --tokenizer set to this run's tokenizer"
+        )
+
+
+class ShardSet:
+    """One split of a prepared folder as a single token sequence, memory-mapped: the blocks
+    of `context_length` tokens it cuts into, with the document starts inside each."""
+
+    def __init__(self, folder: str | Path, split: str, context_length: int, pad_id: int) -> None:
+        self.folder, self.split, self.T, self.pad_id = (
+            Path(folder).expanduser(),
+            split,
+            context_length,
+            pad_id,
+        )
+        manifest = read_manifest(self.folder)
+        self.tokens = [np.load(self._file(s, ".npy"), mmap_mode="r") for s in manifest["shards"]]
+        self.offsets = [np.load(self._file(s, ".docs.npy"), mmap_mode="r") for s in manifest["shards"]]
+        sizes = [len(t) for t in self.tokens]
+        self.shard_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_tokens = int(self.shard_starts[-1])
+        # train: whole blocks only (the tail is dropped each epoch); eval: the last one padded
+        self.num_blocks = self.num_tokens // self.T if split == "train" else -(-self.num_tokens // self.T)
+
+    def _file(self, shard: dict[str, int], ext: str) -> Path:
+        return self.folder / f"shard-{shard['index']:05d}.{self.split}{ext}"
+
+    def block(self, b: int) -> dict[str, np.ndarray]:
+        """Tokens [b*T, (b+1)*T) and the offsets inside the block where documents start."""
+        start, end = b * self.T, min((b + 1) * self.T, self.num_tokens)
+        pieces, starts = [], []
+        s = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        at = start
+        while at < end:
+            base = int(self.shard_starts[s])
+            lo, hi = at - base, min(end, int(self.shard_starts[s + 1])) - base
+            pieces.append(np.asarray(self.tokens[s][lo:hi], dtype=np.int64))
+            offsets = self.offsets[s]
+            first, last = np.searchsorted(offsets, [lo, hi], side="left")
+            starts.append(np.asarray(offsets[first:last], dtype=np.int64) - lo + (at - start))
+            at, s = base + hi, s + 1
+        tokens = np.concatenate(pieces)
+        return {"tokens": tokens, "starts": np.concatenate(starts) if starts else np.zeros(0, np.int64)}
