@@ -1,0 +1,215 @@
+"""`smoltrain prepare` and training from its shards."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smoltrain.data import DataConfig, build_loader
+from smoltrain.shards import MANIFEST, PrepareJob, ShardSet, prepare
+
+from .test_data import make_docs, write_jsonl
+from .test_train import losses, small_run_args, smoltrain
+
+
+def prepare_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "smoltrain", "prepare", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a prepared folder but the timings in the manifest."""
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["prepare_seconds"], manifest["tokens_per_second"]
+    return {**files, MANIFEST: json.dumps(manifest).encode()}
+
+
+@pytest.fixture(scope="module")
+def docs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl", make_docs(400))
+
+
+def test_one_and_two_workers_write_the_same_bytes(tmp_path, docs_file, smollm2_tokenizer):
+    one = prepare_cli(str(docs_file), str(tmp_path / "one"), "--shard-documents", "70", "--eval-every", "10")
+    prepare_cli(
+        str(docs_file),
+        str(tmp_path / "two"),
+        "--shard-documents",
+        "70",
+        "--eval-every",
+        "10",
+        "--workers",
+        "2",
+    )
+    assert "tokens/s" in one.stdout
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    manifest = json.loads((tmp_path / "one" / MANIFEST).read_text())
+    assert len(manifest["shards"]) == 6 and manifest["dtype"] == "uint16"  # 49,152 ids fit
+    assert manifest["documents"] + manifest["eval_documents"] == 400 and manifest["eval_documents"] > 10
+    # the tokens are the documents' own, EOS after each, offsets at the document starts
+    texts = [json.loads(line)["text"] for line in docs_file.read_text().splitlines()]
+    from smoltrain.data import is_eval_document
+
+    train = [t for t in texts[:70] if not is_eval_document(t, 10)]
+    tokens = np.load(tmp_path / "one" / "shard-00000.train.npy")
+    offsets = np.load(tmp_path / "one" / "shard-00000.train.docs.npy")
+    ids = smollm2_tokenizer(train[1], add_special_tokens=False)["input_ids"]
+    assert tokens[offsets[1] : offsets[2]].tolist() == [*ids, smollm2_tokenizer.eos_token_id]
+    assert len(offsets) == len(train) + 1 and offsets[-1] == len(tokens)
+
+
+def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path):
+    from smoltrain.data import python_docs_dir
+
+    source = str(python_docs_dir())  # 1,100+ documents: one per shard takes a few seconds
+    args = ["--shard-documents", "1", "--eval-every", "20"]
+    prepare_cli(source, str(tmp_path / "whole"), *args)
+    cmd = [
+        sys.executable,
+        "-m",
+        "smoltrain",
+        "prepare",
+        source,
+        str(tmp_path / "killed"),
+        *args,
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "killed").glob("shard-*.json"))) < 50 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "killed").glob("shard-*.json")))
+    total = len(json.loads((tmp_path / "whole" / MANIFEST).read_text())["shards"])
+    assert 50 <= done < total and not (tmp_path / "killed" / MANIFEST).exists()  # killed mid-way
+    resumed = subprocess.run([*cmd[:-1]], capture_output=True, text=True, timeout=300)  # with the bar
+    assert resumed.returncode == 0 and f"resuming: {done} shard(s)" in resumed.stdout
+    assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "whole")
+
+
+def test_prepare_errors_name_the_problem(tmp_path, docs_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = prepare_cli(str(docs_file), str(blocker / "out"), check=False)
+    assert bad.returncode == 1 and "cannot write to" in bad.stderr and "Traceback" not in bad.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    bad = prepare_cli(str(docs_file), str(other), check=False)
+    assert "is not empty" in bad.stderr and "--overwrite" in bad.stderr
+    assert (other / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = prepare_cli(str(empty), str(tmp_path / "e"), check=False)
+    assert bad.returncode == 1 and "empty" in bad.stderr and "Traceback" not in bad.stderr
+    done = tmp_path / "done"
+    prepare_cli(str(docs_file), str(done))
+    bad = prepare_cli(str(docs_file), str(done), check=False)
+    assert "already holds a prepared dataset" in bad.stderr
+    prepare_cli(str(docs_file), str(done), "--overwrite", "--eval-every", "0")
+    assert json.loads((done / MANIFEST).read_text())["eval_documents"] == 0
+    # an interrupted prepare resumes only with the same settings
+    (done / MANIFEST).unlink()
+    bad = prepare_cli(str(docs_file), str(done), "--eval-every", "50", check=False)
+    assert "interrupted prepare with other settings" in bad.stderr and "eval_every=0" in bad.stderr
+    bad = prepare_cli(str(docs_file), str(tmp_path / "w"), "--workers", "0", check=False)
+    assert "--workers must be at least 1" in bad.stderr
+
+
+def test_training_refuses_shards_of_another_tokenizer(tmp_path, docs_file, smollm2_tokenizer):
+    other = tmp_path / "other-tokenizer"
+    smollm2_tokenizer.save_pretrained(other)
+    tokenizer_json = json.loads((other / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"][-1]["content"] = "<renamed>"  # same size, another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    prepare_cli(str(docs_file), str(tmp_path / "shards"), "--tokenizer", str(other))
+    run = smoltrain(*small_run_args(tmp_path, "run", f"data.source={tmp_path / 'shards'}"), check=False)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "was prepared with tokenizer" in run.stderr and f"set tokenizer: {other}" in run.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def blocks_of(folder, context_length, split="train"):
+    blocks = ShardSet(folder, split, context_length, pad_id=0)
+    return blocks, [tuple(blocks.block(b)["tokens"].tolist()) for b in range(blocks.num_blocks)]
+
+
+def test_shards_serve_the_blocks_the_stream_packs(tmp_path, docs_file, smollm2_tokenizer):
+    """In stream order (shuffle_buffer=0) the shard loader's batches are the on-the-fly
+    pipeline's, document ids and positions included: the same data, tokenized once."""
+    job = PrepareJob(str(docs_file), str(tmp_path / "shards"), eval_every=10, shard_documents=33)
+    prepare(job, progress=False)
+    for split in ("train", "eval"):
+        stream = DataConfig(source=str(docs_file), context_length=48, shuffle_buffer=0, eval_every=10)
+        stream.document_mask = True
+        shards = DataConfig(
+            source=str(tmp_path / "shards"), context_length=48, shuffle_buffer=0, document_mask=True
+        )
+        a = build_loader(stream, smollm2_tokenizer, 4, split)
+        b = build_loader(shards, smollm2_tokenizer, 4, split)
+        n = 0
+        for x, y in zip(a, b, strict=split == "eval"):
+            assert x.keys() == y.keys() == {"input_ids", "labels", "position_ids", "document_ids"}
+            for key in x:
+                assert torch.equal(x[key], y[key]), (split, n, key)
+            n += 1
+            if n == 60:  # train is endless: 60 batches cross several shards and an epoch
+                break
+        assert n > 3
+
+
+def test_an_epoch_sees_every_block_once_and_ranks_never_overlap(tmp_path, docs_file, smollm2_tokenizer):
+    prepare(PrepareJob(str(docs_file), str(tmp_path / "shards"), shard_documents=50), progress=False)
+    cfg = DataConfig(source=str(tmp_path / "shards"), context_length=32, seed=3)
+    shards, all_blocks = blocks_of(tmp_path / "shards", 32)
+    n = shards.num_blocks
+    B, W = 4, 2
+    per_rank = n // (B * W)  # whole groups of W micro-batches within the epoch
+    seen = {}
+    for rank in range(W):
+        loader = iter(build_loader(cfg, smollm2_tokenizer, B, "train", rank, W))
+        seen[rank] = [tuple(row.tolist()) for _ in range(per_rank) for row in next(loader)["input_ids"]]
+    assert not set(seen[0]) & set(seen[1])
+    everything = seen[0] + seen[1]
+    assert len(set(everything)) == len(everything) == per_rank * B * W
+    assert set(everything) <= set(all_blocks)
+    one = iter(build_loader(cfg, smollm2_tokenizer, n, "train"))
+    epoch0, epoch1 = next(one)["input_ids"], next(one)["input_ids"]
+    assert sorted(tuple(r.tolist()) for r in epoch0) == sorted(all_blocks)  # each block once
+    assert sorted(tuple(r.tolist()) for r in epoch1) == sorted(all_blocks)
+    assert not torch.equal(epoch0, epoch1)  # a new permutation each epoch
+
+
+def shard_run_args(tmp_path, out, *extra):
+    if not (tmp_path / "shards" / MANIFEST).exists():
+        docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(300))
+        prepare(
+            PrepareJob(str(docs), str(tmp_path / "shards"), eval_every=10, shard_documents=64), progress=False
+        )
+    return small_run_args(tmp_path, out, f"data.source={tmp_path / 'shards'}", "log.log_every=1", *extra)
+
+
+def test_stop_and_resume_from_shards_is_bitwise(tmp_path):
+    smoltrain(*shard_run_args(tmp_path, "straight", "--max-steps", "8"))
+    smoltrain(*shard_run_args(tmp_path, "resumed", "--max-steps", "8", "--stop-at-step", "3"))
+    data_state = torch.load(tmp_path / "resumed/checkpoints/step-3/data.pt", weights_only=False)
+    assert data_state["samples"] == 3 * 2 * 2  # the position is a sample count
+    smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "resumed"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert list(resumed) == list(range(1, 9))
+    assert all(straight[s] == resumed[s] for s in range(1, 9)), (straight, resumed)
