@@ -252,3 +252,28 @@ def test_a_signal_to_one_rank_stops_all_on_the_same_step(tmp_path):
     step = int(latest.split("-")[1])
     assert 3 <= step < 100000 and (tmp_path / f"stop/checkpoints/{latest}/rng-rank1.pt").is_file()
     assert max(losses(tmp_path / "stop")) == step  # both stopped where the checkpoint is
+
+
+def test_shards_and_mixtures_follow_one_process_and_resume_across_counts(tmp_path):
+    """Prepared shards: 2 processes = 1 (global batch fixed); a mixture of shards and an
+    on-the-fly stream checkpointed by 2 processes resumes exactly on 1."""
+    from smoltrain.shards import PrepareJob, prepare
+
+    from .test_data import make_docs, write_jsonl
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(300))
+    prepare(
+        PrepareJob(str(docs), str(tmp_path / "shards"), eval_every=10, shard_documents=64), progress=False
+    )
+    shards = f"data.source={tmp_path / 'shards'}"
+    one, two = launch(1, *run_args(tmp_path, "one", shards)), launch(2, *run_args(tmp_path, "two", shards))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert_close(losses(tmp_path / "one"), losses(tmp_path / "two"), range(1, 11))
+
+    mixture = f"data.mixture=[{{source: {tmp_path / 'shards'}, weight: 3}}, {{source: {docs}, weight: 1}}]"
+    assert launch(1, *run_args(tmp_path, "mix", mixture)).returncode == 0
+    started = launch(2, *run_args(tmp_path, "mix-2-then-1", mixture, "--stop-at-step", "5"))
+    assert started.returncode == 0, started.stderr[-3000:]
+    resumed = launch(1, "--phase", "resume", "--checkpoint", str(tmp_path / "mix-2-then-1"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(losses(tmp_path / "mix"), losses(tmp_path / "mix-2-then-1"), range(1, 11))

@@ -548,6 +548,7 @@ def build_loader(
 
     from smoltrain.mixture import build_plan_loader, uses_plan
 
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's own noise
     if uses_plan(cfg):
         return build_plan_loader(
             cfg, tokenizer, batch_size, split, rank, world_size, samples_per_step, pin_memory, snapshot_every
@@ -555,7 +556,6 @@ def build_loader(
 
     open_fn = _open_fn(cfg, split)
     open_fn()  # fail here, with the source's message, rather than inside a worker
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's own noise
     if cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
     by_document = resolve_rank_split(cfg.rank_split, "cpu", world_size) == "document"
