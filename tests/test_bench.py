@@ -26,3 +26,17 @@ def test_bench_quick_runs_every_path(tmp_path):
     report = out.read_text()
     assert "| tiny | bf16 |" in report and "torch " in report
     assert "{" not in report  # every placeholder filled in
+
+
+def test_data_bench_reports_prepare_and_loaders():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.data", "--copies", "2", "--batches", "5", "--skip-cpu-training"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard files identical for 1 and 2 workers: True" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| prepared shards, rank 0 of")]
+    assert len(rows) == 2 and all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows)
