@@ -124,6 +124,25 @@ def test_stages_switch_and_resume_across_the_switch_bitwise(two_sources, tmp_pat
         smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / f"stop{stop}"))
         resumed = losses(tmp_path / f"stop{stop}")
         assert all(resumed[s] == straight[s] for s in range(1, 7)), (stop, straight, resumed)
+    # annealing added later: a run on the first mixture alone, resumed with the stages
+    first_only = f"data.mixture={mixture_override((large, 1))}"
+    smoltrain(
+        *small_run_args(
+            tmp_path, "anneal", first_only, "log.log_every=1", "--max-steps", "6", "--stop-at-step", "3"
+        )
+    )
+    resume = ["--phase", "resume", "--checkpoint", str(tmp_path / "anneal"), stages]
+    refused = smoltrain(*resume, check=False)
+    assert refused.returncode == 1 and "set data.mixture=[]" in refused.stderr
+    refused = smoltrain(*resume, "data.mixture=[]", check=False)
+    assert (
+        refused.returncode == 1
+        and "--allow-config-changes" in refused.stderr
+        and "data.stages" in refused.stderr
+    )
+    smoltrain(*resume, "data.mixture=[]", "--allow-config-changes")
+    annealed = losses(tmp_path / "anneal")
+    assert all(annealed[s] == straight[s] for s in range(1, 7)), (straight, annealed)
 
 
 def test_bad_mixtures_are_clear_errors(tmp_path):
@@ -143,3 +162,17 @@ def test_bad_mixtures_are_clear_errors(tmp_path):
         run = smoltrain(*small_run_args(tmp_path, "bad", override), check=False)
         assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert Stage().until_step is None
+
+
+def test_smollm_corpus_config_mixes_by_token_counts():
+    from smoltrain.train_config import load_config
+
+    from .test_train import REPO
+
+    cfg = load_config(REPO / "configs/smollm2-135m-smollm-corpus.yaml")
+    gpu = load_config(REPO / "configs/smollm2-135m-cosmopedia-gpu.yaml")
+    weights = {e.source.split("/")[-1]: e.weight for e in cfg.data.mixture}
+    assert weights == {"fineweb-edu-dedup": 220, "cosmopedia-v2": 28, "python-edu": 4}  # billions of tokens
+    assert (cfg.model, cfg.train, cfg.schedule) == (gpu.model, gpu.train, gpu.schedule)
+    shares = Interleave(list(weights.values())).served(PERIOD) / PERIOD
+    assert abs(shares[2] - 4 / 252) < 1e-4

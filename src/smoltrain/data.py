@@ -97,7 +97,10 @@ class DataConfig:
             )
 
         if self.mixture and self.stages:
-            raise ValueError("give data.mixture or data.stages (each stage has its own mixture), not both")
+            raise ValueError(
+                "give data.mixture or data.stages (each stage has its own mixture), not both; with "
+                "data.stages, set data.mixture=[] (a resumed run keeps its checkpoint's mixture otherwise)"
+            )
         for where, mixture in [("data.mixture", self.mixture)] + [
             (f"data.stages[{i}].mixture", s.mixture) for i, s in enumerate(self.stages)
         ]:

@@ -214,6 +214,26 @@ class StreamSamples:
 # ------------------------------------------------------------------------------- loader
 
 
+def describe(cfg: DataConfig) -> str:
+    """The data for the start-up summary: the source, or each stage's shares."""
+
+    def one(spec: str) -> str:
+        if is_prepared(spec):
+            return f"{spec} (prepared, {read_manifest(spec)['tokens']:,} tokens)"
+        return f"{spec} (on the fly)"
+
+    stages = mixture_stages(cfg, "train")
+    if len(stages) == 1 and len(stages[0][1]) == 1:
+        return one(stages[0][1][0].source)
+    parts, first = [], 1
+    for until, mixture in stages:
+        total = sum(e.weight for e in mixture)
+        shares = ", ".join(f"{e.weight / total:.1%} {one(e.source)}" for e in mixture)
+        parts.append(f"steps {first}-{until or 'end'}: {shares}" if len(stages) > 1 else shares)
+        first = (until or 0) + 1
+    return "; ".join(parts)
+
+
 def uses_plan(cfg: DataConfig) -> bool:
     """Mixtures, stages and prepared shards go through the sample plan."""
     return bool(cfg.mixture or cfg.stages or is_prepared(cfg.source))
@@ -279,12 +299,17 @@ class PlanLoader:
                 return
 
     def state_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "sources": [s.state_dict() for s in self.sources]}
+        # keyed by source, so that a resume that appends a stage (annealing) finds its sources
+        return {"samples": self.samples, "sources": {spec: s.state_dict() for spec, s in self._by_spec()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.samples = state["samples"]
-        for source, part in zip(self.sources, state["sources"], strict=True):
-            source.load_state_dict(part)
+        for spec, source in self._by_spec():
+            if spec in state["sources"]:  # a source new to the run starts at its beginning
+                source.load_state_dict(state["sources"][spec])
+
+    def _by_spec(self):
+        return zip(self.plan.sources, self.sources, strict=True)
 
     def source_tokens(self) -> dict[str, int]:
         """Tokens each source has given the run so far (packed samples are full blocks)."""

@@ -47,6 +47,7 @@ from smoltrain.device import cuda_training_settings, peak_flops, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import MetricsLog, flatten, plot_losses, print_end, print_start, truncate_metrics
+from smoltrain.mixture import describe as describe_data
 from smoltrain.mixture import uses_plan
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
@@ -559,7 +560,7 @@ def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
         "kernels": "; ".join(f"{k} ({KERNELS[k][2]})" for k in kernels) or "none (the plain model)",
         "process": "; ".join(process_tweaks) or "as started",
         "mfu": f"against {run.peak_flops / 1e12:,.1f} TFLOP/s per process ({run.peak_source})",
-        "data": f"{cfg.data.source} ({cfg.data.mode}), tokenizer {cfg.tokenizer}",
+        "data": f"{describe_data(cfg.data)} ({cfg.data.mode}), tokenizer {cfg.tokenizer}",
         "output": cfg.output_dir,
     }
 
