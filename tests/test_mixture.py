@@ -22,6 +22,9 @@ def test_interleave_shares_track_the_weights():
         assert np.abs(shares - weights).max() < (0.01 if n >= 1000 else 0.02), (n, shares)
         assert (mix.served(n) == np.bincount(picks[:n], minlength=3)).all()  # counted, not replayed
     assert (mix.served(PERIOD) == [6000, 3000, 1000]).all()  # exact at each period's end
+    counts = np.cumsum(np.eye(3)[picks], axis=0)
+    windows = (counts[1000:] - counts[:-1000]) / 1000  # every 1,000 consecutive sequences
+    assert np.abs(windows - weights).max() < 0.002
     with pytest.raises(ValueError, match="below 1/10000"):
         Interleave([1.0, 1e-6])
 
