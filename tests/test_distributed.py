@@ -269,6 +269,10 @@ def test_shards_and_mixtures_follow_one_process_and_resume_across_counts(tmp_pat
     one, two = launch(1, *run_args(tmp_path, "one", shards)), launch(2, *run_args(tmp_path, "two", shards))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert_close(losses(tmp_path / "one"), losses(tmp_path / "two"), range(1, 11))
+    started = launch(2, *run_args(tmp_path, "2-then-1", shards, "--stop-at-step", "5"))
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert launch(1, "--phase", "resume", "--checkpoint", str(tmp_path / "2-then-1")).returncode == 0
+    assert_close(losses(tmp_path / "one"), losses(tmp_path / "2-then-1"), range(1, 11))
 
     mixture = f"data.mixture=[{{source: {tmp_path / 'shards'}, weight: 3}}, {{source: {docs}, weight: 1}}]"
     assert launch(1, *run_args(tmp_path, "mix", mixture)).returncode == 0

@@ -131,6 +131,46 @@ def test_prepare_errors_name_the_problem(tmp_path, docs_file):
     assert "--workers must be at least 1" in bad.stderr
 
 
+def test_prepare_streams_a_hub_dataset(tmp_path, monkeypatch, smollm2_tokenizer):
+    """The hub path (hf:NAME:CONFIG, streamed) on a local parquet file shaped like cosmopedia-v2."""
+    import pandas as pd
+
+    from smoltrain import data as data_mod
+
+    texts = make_docs(50)
+    parquet = tmp_path / "train-00000-of-00001.parquet"
+    pd.DataFrame(
+        {"prompt": ["Write a textbook"] * 50, "text": texts, "audience": ["college"] * 50}
+    ).to_parquet(parquet)
+    calls, real = [], data_mod.load_dataset
+
+    def hub_standin(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return real("parquet", data_files=[str(parquet)], **kwargs)
+
+    monkeypatch.setattr(data_mod, "load_dataset", hub_standin)
+    job = PrepareJob("hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2", str(tmp_path / "out"), eval_every=0)
+    manifest = prepare(job, progress=False)
+    assert calls[0] == ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", {"split": "train", "streaming": True})
+    assert manifest["documents"] == 50 and manifest["source"] == job.source
+    tokens = np.load(tmp_path / "out" / "shard-00000.train.npy")
+    eos = smollm2_tokenizer.eos_token_id
+    expected = [
+        t for text in texts for t in [*smollm2_tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+    ]
+    assert tokens.tolist() == expected
+
+
+def test_shards_without_a_held_out_split_need_an_eval_source(tmp_path, docs_file):
+    prepare_cli(str(docs_file), str(tmp_path / "shards"), "--eval-every", "0")
+    args = small_run_args(tmp_path, "run", f"data.source={tmp_path / 'shards'}", "--max-steps", "2")
+    run = smoltrain(*args, check=False)
+    assert (
+        run.returncode == 1 and "holds no held-out documents" in run.stderr and "Traceback" not in run.stderr
+    )
+    smoltrain(*args, f"data.eval_source={docs_file}")  # the fix the message names
+
+
 def test_training_refuses_shards_of_another_tokenizer(tmp_path, docs_file, smollm2_tokenizer):
     other = tmp_path / "other-tokenizer"
     smollm2_tokenizer.save_pretrained(other)

@@ -112,6 +112,12 @@ class ShardSamples:
         self.T, self.pad, self.infinite = cfg.context_length, pad, infinite
         self.seed, self.shuffle = cfg.seed, infinite and cfg.shuffle_buffer > 0
         self._epoch, self._order = -1, None
+        if split == "eval" and self.blocks.num_tokens == 0:
+            raise ValueError(
+                f"data source '{folder}' holds no held-out documents (prepared with --eval-every "
+                f"{read_manifest(folder)['eval_every']}); set data.eval_source to an evaluation source, "
+                "or prepare it again with --eval-every K"
+            )
         if self.blocks.num_blocks == 0:
             raise ValueError(
                 f"data source '{folder}' holds {self.blocks.num_tokens} {split} tokens, fewer than one "
