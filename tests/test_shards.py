@@ -171,6 +171,21 @@ def test_shards_without_a_held_out_split_need_an_eval_source(tmp_path, docs_file
     smoltrain(*args, f"data.eval_source={docs_file}")  # the fix the message names
 
 
+def test_a_second_prepare_and_training_on_an_unfinished_one_are_refused(tmp_path, docs_file):
+    from smoltrain.atomic import FolderLock
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    lock = FolderLock(out)  # a prepare at work in it
+    busy = prepare_cli(str(docs_file), str(out), check=False)
+    assert busy.returncode == 1 and "is in use by PID" in busy.stderr and "another OUT_DIR" in busy.stderr
+    lock.release()
+    prepare_cli(str(docs_file), str(out))
+    (out / MANIFEST).unlink()  # as a kill before the manifest leaves it
+    run = smoltrain(*small_run_args(tmp_path, "run", f"data.source={out}"), check=False)
+    assert run.returncode == 1 and "has not finished" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_training_refuses_shards_of_another_tokenizer(tmp_path, docs_file, smollm2_tokenizer):
     other = tmp_path / "other-tokenizer"
     smollm2_tokenizer.save_pretrained(other)

@@ -74,8 +74,10 @@ class FolderLock:
     included), so a dead run never leaves it stuck. The file names the holder for the
     message a second run gets."""
 
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / ".lock"
+    NAME = ".lock"
+
+    def __init__(self, folder: Path, advice: str = "or train into another --output-dir") -> None:
+        self.path = Path(folder) / self.NAME
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,8 +86,7 @@ class FolderLock:
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise TrainingError(
-                f"output folder '{folder}' is in use by {holder}; wait for that run to end (or stop "
-                "it), or train into another --output-dir"
+                f"output folder '{folder}' is in use by {holder}; wait for it to end (or stop it), {advice}"
             ) from None
         self.file.seek(0)
         self.file.truncate()

@@ -134,6 +134,11 @@ class DataConfig:
 
 def _expand_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
+    if (path / "prepare.json").is_file():  # smoltrain.shards.PROGRESS, without its manifest
+        raise ValueError(
+            f"'{spec}' holds a `smoltrain prepare` that has not finished (no manifest.json); run the "
+            "same prepare command again to finish it, then train from it"
+        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _LOADERS and p.is_file())
         if not files:
