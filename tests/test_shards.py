@@ -200,14 +200,15 @@ def test_training_refuses_shards_of_another_tokenizer(tmp_path, docs_file, smoll
 
 
 def blocks_of(folder, context_length, split="train"):
-    blocks = ShardSet(folder, split, context_length, pad_id=0)
+    blocks = ShardSet(folder, split, context_length)
     return blocks, [tuple(blocks.block(b)["tokens"].tolist()) for b in range(blocks.num_blocks)]
 
 
-def test_shards_serve_the_blocks_the_stream_packs(tmp_path, docs_file, smollm2_tokenizer):
+@pytest.mark.parametrize("shard_documents", [33, 1])  # 1: blocks span many shards, some empty
+def test_shards_serve_the_blocks_the_stream_packs(tmp_path, docs_file, smollm2_tokenizer, shard_documents):
     """In stream order (shuffle_buffer=0) the shard loader's batches are the on-the-fly
     pipeline's, document ids and positions included: the same data, tokenized once."""
-    job = PrepareJob(str(docs_file), str(tmp_path / "shards"), eval_every=10, shard_documents=33)
+    job = PrepareJob(str(docs_file), str(tmp_path / "shards"), eval_every=10, shard_documents=shard_documents)
     prepare(job, progress=False)
     for split in ("train", "eval"):
         stream = DataConfig(source=str(docs_file), context_length=48, shuffle_buffer=0, eval_every=10)

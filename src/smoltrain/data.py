@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from smoltrain.shards import MANIFEST, PROGRESS
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
@@ -134,7 +136,7 @@ class DataConfig:
 
 def _expand_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
-    if (path / "prepare.json").is_file():  # smoltrain.shards.PROGRESS, without its manifest
+    if (path / PROGRESS).is_file() and not (path / MANIFEST).is_file():
         raise ValueError(
             f"'{spec}' holds a `smoltrain prepare` that has not finished (no manifest.json); run the "
             "same prepare command again to finish it, then train from it"

@@ -108,7 +108,7 @@ class ShardSamples:
 
     def __init__(self, folder: str, cfg: DataConfig, tokenizer, split: str, infinite: bool) -> None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.blocks = ShardSet(folder, split, cfg.context_length, pad)
+        self.blocks = ShardSet(folder, split, cfg.context_length)
         self.T, self.pad, self.infinite = cfg.context_length, pad, infinite
         self.seed, self.shuffle = cfg.seed, infinite and cfg.shuffle_buffer > 0
         self._epoch, self._order = -1, None
@@ -241,8 +241,9 @@ def describe(cfg: DataConfig) -> str:
 
 
 def uses_plan(cfg: DataConfig) -> bool:
-    """Mixtures, stages and prepared shards go through the sample plan."""
-    return bool(cfg.mixture or cfg.stages or is_prepared(cfg.source))
+    """Mixtures, stages and prepared shards (to train or to evaluate on) go through the sample plan."""
+    prepared = is_prepared(cfg.source) or (cfg.eval_source is not None and is_prepared(cfg.eval_source))
+    return bool(cfg.mixture or cfg.stages or prepared)
 
 
 def mixture_stages(cfg: DataConfig, split: str) -> list[tuple[int | None, list[MixtureEntry]]]:

@@ -347,13 +347,8 @@ class ShardSet:
     """One split of a prepared folder as a single token sequence, memory-mapped: the blocks
     of `context_length` tokens it cuts into, with the document starts inside each."""
 
-    def __init__(self, folder: str | Path, split: str, context_length: int, pad_id: int) -> None:
-        self.folder, self.split, self.T, self.pad_id = (
-            Path(folder).expanduser(),
-            split,
-            context_length,
-            pad_id,
-        )
+    def __init__(self, folder: str | Path, split: str, context_length: int) -> None:
+        self.folder, self.split, self.T = Path(folder).expanduser(), split, context_length
         self.shards = read_manifest(self.folder)["shards"]
         sizes = [s["tokens" if split == "train" else "eval_tokens"] for s in self.shards]
         # Each memory map holds a file descriptor, and training draws blocks from all shards at
@@ -382,10 +377,11 @@ class ShardSet:
         while at < end:
             base = int(self.shard_starts[s])
             lo, hi = at - base, min(end, int(self.shard_starts[s + 1])) - base
-            tokens, offsets = self.open_shard(s)
-            pieces.append(np.asarray(tokens[lo:hi], dtype=np.int64))
-            first, last = np.searchsorted(offsets, [lo, hi], side="left")
-            starts.append(np.asarray(offsets[first:last], dtype=np.int64) - lo + (at - start))
+            if hi > lo:  # (a shard whose documents were all held out is empty)
+                tokens, offsets = self.open_shard(s)
+                pieces.append(np.asarray(tokens[lo:hi], dtype=np.int64))
+                first, last = np.searchsorted(offsets, [lo, hi], side="left")
+                starts.append(np.asarray(offsets[first:last], dtype=np.int64) - lo + (at - start))
             at, s = base + hi, s + 1
         tokens = np.concatenate(pieces)
         return {"tokens": tokens, "starts": np.concatenate(starts) if starts else np.zeros(0, np.int64)}

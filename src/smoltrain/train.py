@@ -466,6 +466,7 @@ def setup_run(
         model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
         model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device.type))
     raw_model: CustomLLM = accelerator.unwrap_model(model)
+    sequences_per_step = t.micro_batch_size * accum * world
     # the inner loader's batches between checkpoints: one worker state sent per checkpoint
     snapshot_every = cfg.log.checkpoint_every * accum * (1 if cfg.data.rank_split == "document" else world)
     loader = build_loader(
@@ -477,10 +478,10 @@ def setup_run(
         world,
         pin_memory=device.type == "cuda",
         snapshot_every=snapshot_every,
-        samples_per_step=t.micro_batch_size * accum * world,
+        samples_per_step=sequences_per_step,
     )
 
-    check_data_at_start(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
+    check_data_at_start(cfg, tokenizer, accelerator, sequences_per_step)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     if resume:
@@ -524,7 +525,7 @@ def setup_run(
         grad_accum_steps=accum,
         log_every=log_every,
         end_step=end_step,
-        tokens_per_step=t.micro_batch_size * accum * world * cfg.data.context_length,
+        tokens_per_step=sequences_per_step * cfg.data.context_length,
         flops_per_token=raw_model.config.flops_per_token(cfg.data.context_length),
         peak_flops=peak,
         peak_source=peak_source,
