@@ -1,4 +1,4 @@
-"""The `smoltrain` command: prepare data, train, generate, convert and serve SmolLM2-class models."""
+"""The `smoltrain` command: prepare data, train, evaluate, generate, convert and serve models."""
 
 from __future__ import annotations
 
@@ -151,6 +151,48 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lm_eval.utils import make_table
+
+    from smoltrain.benchmarks import SmolLM, evaluate_tasks, expand_tasks, task_manager, write_results
+    from smoltrain.device import pick_device
+    from smoltrain.generate import prepare_for_generation
+    from smoltrain.model_io import load_model
+    from smoltrain.tokenizer import check_tokenizer_fits, tokenizer_for
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(
+            "--tasks is empty; give lm-eval task names, e.g. --tasks hellaswag,arc_easy (or smollm2)"
+        )
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise ValueError(f"--include-path '{args.include_path}' is not a folder of task YAMLs")
+    expand_tasks(tasks, task_manager(args.include_path))  # a typo fails before the model loads
+    device = pick_device(args.device)
+    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype), device=device))
+    tokenizer = tokenizer_for(args.model, args.tokenizer)
+    check_tokenizer_fits(model.config.vocab_size, tokenizer)
+    lm = SmolLM(model, tokenizer, batch_size=args.batch_size)
+    start = time.perf_counter()
+    results = evaluate_tasks(
+        lm, tasks, args.include_path, args.limit, args.num_fewshot, log_samples=args.log_samples
+    )
+    print(make_table(results))
+    print(f"[{time.perf_counter() - start:.1f}s on {device}]", file=sys.stderr)
+    if args.output:
+        write_results(results, args.output)
+
+
+def _limit(value: str) -> int | float:
+    """lm-eval's --limit: a count of items, or a fraction of each task below 1."""
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return number if number < 1 else int(number)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from smoltrain.app import build_app
     from smoltrain.device import pick_device
@@ -229,6 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    e = sub.add_parser(
+        "eval",
+        help="benchmark scores through lm-evaluation-harness (hellaswag, arc_easy, ..., or smollm2)",
+        description="Score a model on lm-eval tasks: a table, and lm-eval's results JSON with --output.",
+    )
+    e.add_argument("--model", default="smollm2", help="HF folder, run's final/ or step-N, .gguf, hub name")
+    e.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval task names, or smollm2 (its suite)"
+    )
+    e.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs")
+    e.add_argument("--limit", type=_limit, default=None, help="items per task (or a fraction below 1)")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--output", type=Path, default=None, help="write lm-eval's results JSON here")
+    e.add_argument("--log-samples", action="store_true", help="keep each item's scores in the JSON")
+    e.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser(
         "train",

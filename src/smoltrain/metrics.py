@@ -61,7 +61,21 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    benchmarks: dict[str, list[tuple[int, float]]] = {}  # "task/metric" -> (tokens, score)
+    for r in rows:
+        for key, value in r.items():
+            if "/" in key and isinstance(value, (int, float)) and "tokens" in r:
+                benchmarks.setdefault(key, []).append((r["tokens"], value))
+    if benchmarks:  # a second panel: benchmark scores against training tokens
+        fig, (ax, scores_ax) = plt.subplots(1, 2, figsize=(12, 4))
+        for key, points in sorted(benchmarks.items()):
+            scores_ax.plot(*zip(*points, strict=True), "o-", label=key)
+        scores_ax.set_xlabel("training tokens")
+        scores_ax.set_ylabel("score")
+        scores_ax.grid(alpha=0.3)
+        scores_ax.legend(fontsize="small")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:

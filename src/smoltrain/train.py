@@ -39,7 +39,9 @@ from smoltrain.checkpoint import (
     remove_partial_checkpoints,
     resolve_checkpoint_dir,
     restore_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from smoltrain.config import ModelConfig
 from smoltrain.data import build_loader, resolve_rank_split
@@ -120,18 +122,19 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 @torch.no_grad()
 def evaluate(
     model, accelerator, cfg: TrainConfig, tokenizer, fsdp: bool = False, precision: str = "fp32"
-) -> float:
+) -> tuple[float, float]:
     """Mean token loss over the first `eval_batches` batches of the held-out split, dealt out
-    to the ranks and summed over all of them before dividing. Every rank runs the same number
-    of forwards (a rank whose share ran out repeats a batch with weight 0), since a sharded
-    model gathers its weights collectively in each forward."""
+    to the ranks and summed over all of them before dividing, and the same loss in bits per
+    UTF-8 byte of the predicted text (comparable across tokenizers). Every rank runs the same
+    number of forwards (a rank whose share ran out repeats a batch with weight 0), since a
+    sharded model gathers its weights collectively in each forward."""
     model = model if fsdp else accelerator.unwrap_model(model)
     model.eval()
     data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
     world, rank = accelerator.num_processes, accelerator.process_index
     loader = build_loader(data_cfg, tokenizer, cfg.train.micro_batch_size, "eval", rank, world)
-    # loss sum and token count in fp32: MPS has no float64 (2^24 tokens are counted exactly)
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float32)
+    # loss sum, token and byte counts in fp32: MPS has no float64 (2^24 are counted exactly)
+    total = torch.zeros(3, device=accelerator.device, dtype=torch.float32)
     batches = iter(loader)
     batch = None
     for _ in range(-(-cfg.log.eval_batches // world)):
@@ -139,14 +142,20 @@ def evaluate(
         if fresh is None and batch is None:
             break
         weight = 1.0 if fresh is not None else 0.0
+        if fresh is not None:  # the bytes of the predicted tokens, counted on the host
+            predicted = [row[row != -100].tolist() for row in fresh["labels"][:, 1:]]
+            n_bytes = sum(len(tokenizer.decode(row).encode("utf-8")) for row in predicted)
         batch = _to_device(fresh, accelerator.device) if fresh is not None else batch
         with autocast(accelerator.device.type, precision):
             loss = model(**batch, return_logits=False).loss
         n = (batch["labels"][:, 1:] != -100).sum() * weight
-        total += torch.stack([loss.float() * n, n.float()])
+        total += torch.stack(
+            [loss.float() * n, n.float(), n.new_tensor(n_bytes * weight, dtype=torch.float32)]
+        )
     total = accelerator.reduce(total, reduction="sum")
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    loss_sum, tokens, n_bytes = total.tolist()
+    return loss_sum / max(tokens, 1), loss_sum / math.log(2) / max(n_bytes, 1)
 
 
 @torch.no_grad()
@@ -763,12 +772,45 @@ def log_progress(run: Run, result: StepResult) -> None:
 
 
 def evaluate_and_log(run: Run) -> None:
-    eval_loss = evaluate(run.model, run.accelerator, run.cfg, run.tokenizer, run.fsdp, run.precision)
+    eval_loss, bpb = evaluate(run.model, run.accelerator, run.cfg, run.tokenizer, run.fsdp, run.precision)
     run.last["eval_loss"] = eval_loss
     perplexity = math.exp(min(eval_loss, 50))
-    run.metrics.write(run.state.step, eval_loss=eval_loss, perplexity=perplexity)
+    run.metrics.write(run.state.step, eval_loss=eval_loss, perplexity=perplexity, eval_bpb=bpb)
     if run.accelerator.is_main_process:
-        run.bar.write(f"step {run.state.step}: eval loss {eval_loss:.3f} (perplexity {perplexity:.1f})")
+        figures = f"perplexity {perplexity:.1f}, {bpb:.3f} bits/byte"
+        run.bar.write(f"step {run.state.step}: eval loss {eval_loss:.3f} ({figures})")
+
+
+def benchmark_and_log(run: Run) -> None:
+    """lm-eval's tasks (eval.tasks) on the model as it is now, every rank scoring its share;
+    scores go to metrics.jsonl and the trackers as task/metric. The global RNG is put back
+    afterwards (lm-eval seeds it), so a run with benchmarks trains as one without."""
+    from smoltrain.benchmarks import SmolLM, evaluate_tasks, scores
+
+    b, step = run.cfg.eval, run.state.step
+    start, rng = time.perf_counter(), rng_state()
+    model = run.model if run.fsdp else run.raw_model
+    model.eval()
+    try:
+        lm = SmolLM(
+            model,
+            run.tokenizer,
+            batch_size=b.batch_size,
+            amp=lambda: autocast(model.device.type, run.precision),
+        )
+        limit = None if b.limit is None else (b.limit if b.limit < 1 else int(b.limit))
+        results = evaluate_tasks(lm, b.tasks, b.include_path, limit, b.num_fewshot, quiet=True)
+    finally:
+        model.train()
+        set_rng_state(rng)
+    seconds = time.perf_counter() - start
+    if results is None:  # ranks other than 0
+        return
+    found = scores(results)
+    run.last.update(found)
+    run.metrics.write(step, tokens=run.state.tokens, benchmark_s=seconds, **found)
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if not k.endswith("_stderr"))
+    run.bar.write(f"step {step}: {shown} ({seconds:.0f}s)")
 
 
 def sample_and_log(run: Run) -> None:
@@ -822,6 +864,8 @@ def run_periodic_jobs(run: Run, result: StepResult, stopping: bool = False) -> N
     jobs_start = time.perf_counter()
     if _due(run, cfg.log.eval_every):
         evaluate_and_log(run)
+    if cfg.eval.tasks and _due(run, cfg.eval.every):
+        benchmark_and_log(run)
     if _due(run, cfg.log.sample_every):
         sample_and_log(run)
     every = cfg.train.mps_empty_cache_every
@@ -928,7 +972,7 @@ def config_for_cli(
 
 # Keys a resume may change freely: how the run is watched and run, not what it computes
 # (model keys are checked against the checkpoint's weights by restore_checkpoint).
-RESUME_SAFE_PREFIXES = ("log.", "resume.", "model.", "output_dir")
+RESUME_SAFE_PREFIXES = ("log.", "resume.", "model.", "eval.", "output_dir")
 RESUME_SAFE_KEYS = {
     "train.device",
     "train.compile",

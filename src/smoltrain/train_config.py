@@ -95,6 +95,18 @@ class LogConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """Benchmark scores during training (the `eval` section; smoltrain.benchmarks, lm-eval)."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names or presets (smollm2); []: off
+    every: int = 1000  # optimizer steps between runs (and at the last step)
+    limit: float | None = None  # items per task (a fraction of each task below 1); None: all
+    num_fewshot: int | None = None  # None: each task's own default
+    batch_size: int = 16
+    include_path: str | None = None  # a folder of your own lm-eval task YAMLs
+
+
+@dataclass
 class ResumeConfig:
     extra_steps: int = 50  # steps a resume of a finished run adds (the reference's phase "resume")
     log_every: int = 10  # log interval during those steps
@@ -109,6 +121,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     output_dir: str = "runs/default"
 
@@ -198,6 +211,8 @@ AT_LEAST_ONE = (
     "log.checkpoint_every",
     "resume.log_every",
     "data.tokenize_batch",
+    "eval.every",
+    "eval.batch_size",
 )
 POSITIVE = ("optim.lr", "optim.eps", "train.loss_scale")
 AT_LEAST_ZERO = (
@@ -237,6 +252,8 @@ def check_config(cfg: TrainConfig) -> None:
     ]
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
         problems.append(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
+    if cfg.eval.limit is not None and not cfg.eval.limit > 0:
+        problems.append(f"eval.limit must be above 0 (or unset for every item), got {cfg.eval.limit}")
     if cfg.train.peak_flops is not None and not cfg.train.peak_flops > 0:
         problems.append(f"train.peak_flops must be above 0 (or unset), got {cfg.train.peak_flops}")
     if problems:
