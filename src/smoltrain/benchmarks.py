@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from smoltrain.errors import TrainingError
+
 # SmolLM2's zero-shot suite (its model card): lm-eval's names for each benchmark
 PRESETS: dict[str, tuple[str, ...]] = {
     "smollm2": (
@@ -36,13 +38,21 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _lm_base():
+try:
     from lm_eval.api.model import TemplateLM
+except ImportError:  # the `eval` extra is not installed: require_lm_eval() says so
+    TemplateLM = object
 
-    return TemplateLM
+
+def require_lm_eval() -> None:
+    if TemplateLM is object:
+        raise TrainingError(
+            "benchmarks need lm-evaluation-harness, which is not installed; pip install "
+            "'smoltrain[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
+        )
 
 
-class SmolLM(_lm_base()):
+class SmolLM(TemplateLM):
     """lm-eval's `LM` for a `CustomLLM`: batched `loglikelihood` (sorted by length, longest
     first, right-padded: plain causal attention, no mask), `loglikelihood_rolling` and
     greedy `generate_until`. On several processes each rank scores its share (lm-eval deals
@@ -268,6 +278,20 @@ def expand_tasks(names: list[str], manager) -> list[str]:
             )
         tasks.append(name)
     return tasks
+
+
+def check_tasks(tasks: list[str], include_path: str | None) -> list[str]:
+    """lm-eval installed, the include path a folder, every task known: before any work."""
+    from pathlib import Path
+
+    require_lm_eval()
+    if not tasks:
+        raise ValueError(
+            "no tasks given; name lm-eval tasks, e.g. hellaswag,arc_easy (or the preset smollm2)"
+        )
+    if include_path and not Path(include_path).is_dir():
+        raise ValueError(f"include path '{include_path}' is not a folder of lm-eval task YAMLs")
+    return expand_tasks(tasks, task_manager(include_path))
 
 
 def _unreachable(error: Exception) -> bool:

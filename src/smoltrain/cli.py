@@ -152,24 +152,18 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lm_eval.utils import make_table
-
-    from smoltrain.benchmarks import SmolLM, evaluate_tasks, expand_tasks, task_manager, write_results
+    from smoltrain.benchmarks import SmolLM, check_tasks, evaluate_tasks, write_results
     from smoltrain.device import pick_device
     from smoltrain.generate import prepare_for_generation
     from smoltrain.model_io import load_model
     from smoltrain.tokenizer import check_tokenizer_fits, tokenizer_for
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise ValueError(
-            "--tasks is empty; give lm-eval task names, e.g. --tasks hellaswag,arc_easy (or smollm2)"
-        )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.include_path and not Path(args.include_path).is_dir():
-        raise ValueError(f"--include-path '{args.include_path}' is not a folder of task YAMLs")
-    expand_tasks(tasks, task_manager(args.include_path))  # a typo fails before the model loads
+    check_tasks(tasks, args.include_path)  # a typo fails before the model loads
+    from lm_eval.utils import make_table
+
     device = pick_device(args.device)
     model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype), device=device))
     tokenizer = tokenizer_for(args.model, args.tokenizer)
