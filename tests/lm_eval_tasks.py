@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 
 ARC = [
-    ("Which gas do plants take in from the air to make food?", ["oxygen", "carbon dioxide", "nitrogen", "helium"], 1),
+    (
+        "Which gas do plants take in from the air to make food?",
+        ["oxygen", "carbon dioxide", "nitrogen", "helium"],
+        1,
+    ),
     ("What is the boiling point of water at sea level in Celsius?", ["50", "75", "100", "150"], 2),
     ("Which organ pumps blood through the body?", ["heart", "lung", "liver", "kidney"], 0),
     ("What force pulls objects toward the Earth?", ["magnetism", "friction", "gravity", "tension"], 2),
@@ -18,23 +22,78 @@ ARC = [
     ("What does a caterpillar become?", ["a bird", "a butterfly", "a spider", "a fish"], 1),
 ]
 HELLASWAG = [
-    ("Baking cookies", "A woman mixes flour and sugar in a bowl.", "she",
-     ["pours the dough onto a tray and puts it in the oven.", "drives a car down the highway.",
-      "paints the walls of the room blue.", "swims across the lake quickly."], 0),
-    ("Washing a car", "A man sprays water on a red car.", "he",
-     ["reads a book in the library.", "scrubs the car with a soapy sponge.",
-      "climbs a tall mountain.", "plays the piano loudly."], 1),
-    ("Playing the guitar", "A boy sits on a chair holding a guitar.", "he",
-     ["eats a sandwich with ketchup.", "runs a marathon in the rain.",
-      "strums the strings and sings a song.", "plants seeds in the garden."], 2),
-    ("Brushing teeth", "A girl puts toothpaste on a toothbrush.", "she",
-     ["brushes her teeth in front of the mirror.", "throws a ball to the dog.",
-      "writes a letter to her friend.", "rides a horse on the beach."], 0),
-    ("Mowing the lawn", "A man pushes a lawn mower across the yard.", "the grass",
-     ["sings a song on the radio.", "flies into space.", "is cut short in neat rows.", "melts in the sun."], 2),
-    ("Making tea", "A woman boils water in a kettle.", "she",
-     ["pours the hot water over a tea bag in a cup.", "repairs a bicycle tire.",
-      "jumps over a fence.", "folds a paper airplane."], 0),
+    (
+        "Baking cookies",
+        "A woman mixes flour and sugar in a bowl.",
+        "she",
+        [
+            "pours the dough onto a tray and puts it in the oven.",
+            "drives a car down the highway.",
+            "paints the walls of the room blue.",
+            "swims across the lake quickly.",
+        ],
+        0,
+    ),
+    (
+        "Washing a car",
+        "A man sprays water on a red car.",
+        "he",
+        [
+            "reads a book in the library.",
+            "scrubs the car with a soapy sponge.",
+            "climbs a tall mountain.",
+            "plays the piano loudly.",
+        ],
+        1,
+    ),
+    (
+        "Playing the guitar",
+        "A boy sits on a chair holding a guitar.",
+        "he",
+        [
+            "eats a sandwich with ketchup.",
+            "runs a marathon in the rain.",
+            "strums the strings and sings a song.",
+            "plants seeds in the garden.",
+        ],
+        2,
+    ),
+    (
+        "Brushing teeth",
+        "A girl puts toothpaste on a toothbrush.",
+        "she",
+        [
+            "brushes her teeth in front of the mirror.",
+            "throws a ball to the dog.",
+            "writes a letter to her friend.",
+            "rides a horse on the beach.",
+        ],
+        0,
+    ),
+    (
+        "Mowing the lawn",
+        "A man pushes a lawn mower across the yard.",
+        "the grass",
+        [
+            "sings a song on the radio.",
+            "flies into space.",
+            "is cut short in neat rows.",
+            "melts in the sun.",
+        ],
+        2,
+    ),
+    (
+        "Making tea",
+        "A woman boils water in a kettle.",
+        "she",
+        [
+            "pours the hot water over a tea bag in a cup.",
+            "repairs a bicycle tire.",
+            "jumps over a fence.",
+            "folds a paper airplane.",
+        ],
+        0,
+    ),
 ]
 PIQA = [
     ("To keep bread fresh longer,", "store it in a sealed bag.", "leave it in the rain.", 0),
@@ -63,7 +122,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def local_task(folder: Path, name: str, include: str, data: str, splits=("train", "validation", "test")) -> None:
+def local_task(
+    folder: Path, name: str, include: str, data: str, splits=("train", "validation", "test")
+) -> None:
     files = {split: data for split in splits}
     text = (
         f"task: {name}\ninclude: {lm_eval_tasks_dir() / include}\ndataset_path: json\ndataset_name: null\n"
@@ -82,13 +143,35 @@ def write_tasks(folder: Path) -> Path:
     ]
     local_task(folder, "arc_easy_local", "arc/arc_easy.yaml", write_jsonl(folder / "arc.jsonl", arc))
     hellaswag = [
-        {"ind": i, "activity_label": act, "ctx_a": a, "ctx_b": b, "ctx": f"{a} {b}", "endings": e,
-         "source_id": f"local~{i}", "split": "val", "split_type": "indomain", "label": str(label)}
+        {
+            "ind": i,
+            "activity_label": act,
+            "ctx_a": a,
+            "ctx_b": b,
+            "ctx": f"{a} {b}",
+            "endings": e,
+            "source_id": f"local~{i}",
+            "split": "val",
+            "split_type": "indomain",
+            "label": str(label),
+        }
         for i, (act, a, b, e, label) in enumerate(HELLASWAG)
     ]
-    local_task(folder, "hellaswag_local", "hellaswag/hellaswag.yaml", write_jsonl(folder / "hellaswag.jsonl", hellaswag), ("train", "validation"))
+    local_task(
+        folder,
+        "hellaswag_local",
+        "hellaswag/hellaswag.yaml",
+        write_jsonl(folder / "hellaswag.jsonl", hellaswag),
+        ("train", "validation"),
+    )
     piqa = [{"goal": g, "sol1": s1, "sol2": s2, "label": label} for g, s1, s2, label in PIQA]
-    local_task(folder, "piqa_local", "piqa/piqa.yaml", write_jsonl(folder / "piqa.jsonl", piqa), ("train", "validation"))
+    local_task(
+        folder,
+        "piqa_local",
+        "piqa/piqa.yaml",
+        write_jsonl(folder / "piqa.jsonl", piqa),
+        ("train", "validation"),
+    )
     rolling = write_jsonl(folder / "texts.jsonl", [{"text": t} for t in TEXTS])
     (folder / "rolling_local.yaml").write_text(
         "task: rolling_local\ndataset_path: json\ndataset_kwargs:\n"
@@ -101,7 +184,8 @@ def write_tasks(folder: Path) -> Path:
         "task: qa_local\ndataset_path: json\ndataset_kwargs:\n"
         f"  data_files: {json.dumps({'test': qa})}\n"
         "test_split: test\noutput_type: generate_until\ndoc_to_text: 'Question: {{q}}\\nAnswer:'\n"
-        "doc_to_target: ' {{a}}'\ngeneration_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "doc_to_target: ' {{a}}'\ngeneration_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n"
+        "  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return folder

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .test_train import losses, small_run_args
+from .test_train import losses, metric_rows, small_run_args
 
 pytestmark = pytest.mark.slow  # every test here launches processes with torchrun
 
@@ -281,3 +281,20 @@ def test_shards_and_mixtures_follow_one_process_and_resume_across_counts(tmp_pat
     resumed = launch(1, "--phase", "resume", "--checkpoint", str(tmp_path / "mix-2-then-1"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(losses(tmp_path / "mix"), losses(tmp_path / "mix-2-then-1"), range(1, 11))
+
+
+def test_benchmarks_on_two_processes_equal_one(tmp_path):
+    """eval.tasks on 2 processes: each scores half the items, rank 0 logs what 1 process logs."""
+    from .lm_eval_tasks import write_tasks
+
+    tasks = write_tasks(tmp_path / "tasks")
+    extra = ["eval.tasks=[arc_easy_local,piqa_local]", "eval.every=5", f"eval.include_path={tasks}"]
+    one, two = launch(1, *run_args(tmp_path, "one", *extra)), launch(2, *run_args(tmp_path, "two", *extra))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    rows = {
+        name: [r for r in metric_rows(tmp_path / name) if "arc_easy_local/acc" in r]
+        for name in ("one", "two")
+    }
+    assert [r["step"] for r in rows["one"]] == [5, 10]
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        assert {k: v for k, v in a.items() if "/" in k} == {k: v for k, v in b.items() if "/" in k}

@@ -352,10 +352,9 @@ def evaluate_tasks(
 
 
 def _dataset_of(manager, task: str) -> str:
-    try:
-        return str(manager._get_config(task).get("dataset_path"))  # lm-eval keeps this private
-    except Exception:
-        return "?"
+    entry = manager.task_index.get(task)
+    path = (entry.cfg or {}).get("dataset_path") if entry is not None else None
+    return str(path) if path else f"{task}'s datasets"  # a group: its tasks' datasets
 
 
 def write_results(results: dict[str, Any], path) -> None:
