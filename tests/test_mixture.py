@@ -125,7 +125,7 @@ def test_stages_switch_and_resume_across_the_switch_bitwise(two_sources, tmp_pat
     assert tokens[2] == {str(large): 3 * 4 * 32, str(small): 0, str(stream): 0}  # steps 1-3
     assert tokens[5] == {str(large): 12 * 32, str(small): 6 * 32, str(stream): 6 * 32}
     straight = losses(tmp_path / "straight")
-    for stop in (2, 4):  # inside the first stage, then past the switch
+    for stop in (4,):  # past the switch (inside a mixture: test_resume_inside_a_mixture_is_exact)
         smoltrain(*args(f"stop{stop}", "--stop-at-step", str(stop)))
         smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / f"stop{stop}"))
         resumed = losses(tmp_path / f"stop{stop}")

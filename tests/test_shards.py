@@ -72,63 +72,67 @@ def test_one_and_two_workers_write_the_same_bytes(tmp_path, docs_file, smollm2_t
     assert len(offsets) == len(train) + 1 and offsets[-1] == len(tokens)
 
 
-def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path):
-    from smoltrain.data import python_docs_dir
-
-    source = str(python_docs_dir())  # 1,100+ documents: one per shard takes a few seconds
-    args = ["--shard-documents", "1", "--eval-every", "20"]
-    prepare_cli(source, str(tmp_path / "whole"), *args)
-    cmd = [
-        sys.executable,
-        "-m",
-        "smoltrain",
-        "prepare",
-        source,
-        str(tmp_path / "killed"),
-        *args,
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, docs_file):
+    args = ["--shard-documents", "1", "--eval-every", "20"]  # 400 shards: a few seconds to write
+    prepare_in_process(str(docs_file), str(tmp_path / "whole"), *args)
+    cmd = [sys.executable, "-m", "smoltrain", "prepare", str(docs_file), str(tmp_path / "killed"), *args]
+    proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list((tmp_path / "killed").glob("shard-*.json"))) < 50 and time.time() < deadline:
-        time.sleep(0.05)
+    while len(list((tmp_path / "killed").glob("shard-*.json"))) < 30 and time.time() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list((tmp_path / "killed").glob("shard-*.json")))
-    total = len(json.loads((tmp_path / "whole" / MANIFEST).read_text())["shards"])
-    assert 50 <= done < total and not (tmp_path / "killed" / MANIFEST).exists()  # killed mid-way
-    resumed = subprocess.run([*cmd[:-1]], capture_output=True, text=True, timeout=300)  # with the bar
+    assert 30 <= done < 400 and not (tmp_path / "killed" / MANIFEST).exists()  # killed mid-way
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # with the bar
     assert resumed.returncode == 0 and f"resuming: {done} shard(s)" in resumed.stdout
     assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "whole")
+
+
+def prepare_in_process(*args: str) -> None:
+    from smoltrain.cli import main
+
+    main(["prepare", *args, "--no-progress"])
+
+
+def prepare_error(*args: str) -> str:
+    """The message `smoltrain prepare` exits with (its CLI, run in this process)."""
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_in_process(*args)
+    message = str(exit_info.value)
+    assert message.startswith("error: ") and "Traceback" not in message
+    return message
 
 
 def test_prepare_errors_name_the_problem(tmp_path, docs_file):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    bad = prepare_cli(str(docs_file), str(blocker / "out"), check=False)
-    assert bad.returncode == 1 and "cannot write to" in bad.stderr and "Traceback" not in bad.stderr
+    assert "cannot write to" in prepare_error(str(docs_file), str(blocker / "out"))
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    bad = prepare_cli(str(docs_file), str(other), check=False)
-    assert "is not empty" in bad.stderr and "--overwrite" in bad.stderr
+    message = prepare_error(str(docs_file), str(other))
+    assert "is not empty" in message and "--overwrite" in message
     assert (other / "notes.txt").read_text() == "mine"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    bad = prepare_cli(str(empty), str(tmp_path / "e"), check=False)
-    assert bad.returncode == 1 and "empty" in bad.stderr and "Traceback" not in bad.stderr
+    assert "empty" in prepare_error(str(empty), str(tmp_path / "e"))
+    assert not (tmp_path / "e").exists()  # a bad source fails before OUT_DIR is made
     done = tmp_path / "done"
-    prepare_cli(str(docs_file), str(done))
-    bad = prepare_cli(str(docs_file), str(done), check=False)
-    assert "already holds a prepared dataset" in bad.stderr
-    prepare_cli(str(docs_file), str(done), "--overwrite", "--eval-every", "0")
+    prepare_in_process(str(docs_file), str(done))
+    assert "already holds a prepared dataset" in prepare_error(str(docs_file), str(done))
+    prepare_in_process(str(docs_file), str(done), "--overwrite", "--eval-every", "0")
     assert json.loads((done / MANIFEST).read_text())["eval_documents"] == 0
     # an interrupted prepare resumes only with the same settings
     (done / MANIFEST).unlink()
-    bad = prepare_cli(str(docs_file), str(done), "--eval-every", "50", check=False)
-    assert "interrupted prepare with other settings" in bad.stderr and "eval_every=0" in bad.stderr
-    bad = prepare_cli(str(docs_file), str(tmp_path / "w"), "--workers", "0", check=False)
-    assert "--workers must be at least 1" in bad.stderr
+    message = prepare_error(str(docs_file), str(done), "--eval-every", "50")
+    assert "interrupted prepare with other settings" in message and "eval_every=0" in message
+    assert "--workers must be at least 1" in prepare_error(
+        str(docs_file), str(tmp_path / "w"), "--workers", "0"
+    )
+    # the CLI as a user runs it: exit status 1, the message alone
+    bad = prepare_cli(str(docs_file), str(other), check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
 def test_prepare_streams_a_hub_dataset(tmp_path, monkeypatch, smollm2_tokenizer):
@@ -177,10 +181,10 @@ def test_a_second_prepare_and_training_on_an_unfinished_one_are_refused(tmp_path
     out = tmp_path / "shards"
     out.mkdir()
     lock = FolderLock(out)  # a prepare at work in it
-    busy = prepare_cli(str(docs_file), str(out), check=False)
-    assert busy.returncode == 1 and "is in use by PID" in busy.stderr and "another OUT_DIR" in busy.stderr
+    message = prepare_error(str(docs_file), str(out))
+    assert "is in use by PID" in message and "another OUT_DIR" in message
     lock.release()
-    prepare_cli(str(docs_file), str(out))
+    prepare_in_process(str(docs_file), str(out))
     (out / MANIFEST).unlink()  # as a kill before the manifest leaves it
     run = smoltrain(*small_run_args(tmp_path, "run", f"data.source={out}"), check=False)
     assert run.returncode == 1 and "has not finished" in run.stderr and "Traceback" not in run.stderr

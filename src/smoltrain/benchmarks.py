@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -256,7 +257,10 @@ class SmolLM(TemplateLM):
 # ------------------------------------------------------------------------- running
 
 
+@functools.lru_cache(maxsize=8)
 def task_manager(include_path: str | None = None):
+    """lm-eval's index of tasks (its own and those under include_path), built once per
+    process: indexing the few thousand task YAMLs takes seconds."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
