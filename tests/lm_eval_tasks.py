@@ -133,13 +133,21 @@ def local_task(
     (folder / f"{name}.yaml").write_text(text)
 
 
-def write_tasks(folder: Path) -> Path:
+def write_tasks(folder: Path, copies: int = 1) -> Path:
     """arc_easy_local, hellaswag_local, piqa_local (multiple choice, lm-eval's prompts),
-    rolling_local (loglikelihood_rolling) and qa_local (generate_until) in `folder`."""
+    rolling_local (loglikelihood_rolling) and qa_local (generate_until) in `folder`; the
+    multiple-choice items `copies` times over, numbered so that no two contexts are equal."""
     folder.mkdir(parents=True, exist_ok=True)
+    number = (lambda c, text: text) if copies == 1 else (lambda c, text: f"({c}) {text}")
     arc = [
-        {"id": f"q{i}", "question": q, "choices": {"text": c, "label": list("ABCD")}, "answerKey": "ABCD"[a]}
-        for i, (q, c, a) in enumerate(ARC)
+        {
+            "id": f"q{c}-{i}",
+            "question": number(c, q),
+            "choices": {"text": ch, "label": list("ABCD")},
+            "answerKey": "ABCD"[a],
+        }
+        for c in range(copies)
+        for i, (q, ch, a) in enumerate(ARC)
     ]
     local_task(folder, "arc_easy_local", "arc/arc_easy.yaml", write_jsonl(folder / "arc.jsonl", arc))
     hellaswag = [
@@ -148,13 +156,14 @@ def write_tasks(folder: Path) -> Path:
             "activity_label": act,
             "ctx_a": a,
             "ctx_b": b,
-            "ctx": f"{a} {b}",
+            "ctx": f"{number(c, a)} {b}",
             "endings": e,
             "source_id": f"local~{i}",
             "split": "val",
             "split_type": "indomain",
             "label": str(label),
         }
+        for c in range(copies)
         for i, (act, a, b, e, label) in enumerate(HELLASWAG)
     ]
     local_task(
@@ -164,7 +173,11 @@ def write_tasks(folder: Path) -> Path:
         write_jsonl(folder / "hellaswag.jsonl", hellaswag),
         ("train", "validation"),
     )
-    piqa = [{"goal": g, "sol1": s1, "sol2": s2, "label": label} for g, s1, s2, label in PIQA]
+    piqa = [
+        {"goal": number(c, g), "sol1": s1, "sol2": s2, "label": label}
+        for c in range(copies)
+        for g, s1, s2, label in PIQA
+    ]
     local_task(
         folder,
         "piqa_local",
