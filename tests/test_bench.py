@@ -40,3 +40,15 @@ def test_data_bench_reports_prepare_and_loaders():
     assert "shard files identical for 1 and 2 workers: True" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| prepared shards, rank 0 of")]
     assert len(rows) == 2 and all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows)
+
+
+def test_eval_bench_compares_with_lm_eval_hf():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.evals", "--copies", "1", "--repeats", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same scores: True" in result.stdout and "ratio: **" in result.stdout

@@ -214,8 +214,15 @@ class SmolLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, cut at the first stop string (`until`), batched with left
         padding; sampling settings of a task are refused rather than silently ignored."""
+        from torch.distributed.fsdp import FSDPModule
+
         from smoltrain.generate import generate
 
+        if isinstance(self.model, FSDPModule):  # ranks would stop decoding at different steps
+            raise TrainingError(
+                "generate_until tasks cannot run on a sharded (train.fsdp) model in the loop; score "
+                "them after training with smoltrain eval on final/ or a checkpoint"
+            )
         out = [""] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(self.tok_encode(requests[i].args[0])))
         for b in range(0, len(order), self._batch_size):
