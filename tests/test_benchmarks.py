@@ -152,6 +152,7 @@ def test_training_logs_benchmarks_and_bits_per_byte_and_trains_as_without(
 ):
     run = smoltrain(*benchmark_args(tmp_path, "with", tasks_dir))
     assert "step 3: arc_easy_local/acc" in run.stdout and "step 6: arc_easy_local/acc" in run.stdout
+    assert "  benchmarks  arc_easy_local/acc " in run.stdout  # in the end summary too
     rows = metric_rows(tmp_path / "with")
     bench = [r for r in rows if "arc_easy_local/acc_norm" in r]
     assert [r["step"] for r in bench] == [3, 6] and all(

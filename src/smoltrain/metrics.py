@@ -116,6 +116,11 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
         + (f", {n} fp16 overflows retried at a lower scale" if (n := summary.get("overflow_steps")) else "")
         + (f", {n} loss spikes skipped" if (n := summary.get("spike_steps")) else "")
         + (f", {n} rollback(s) to a checkpoint" if (n := summary.get("rollbacks")) else ""),
+        *(
+            [f"  benchmarks  {', '.join(f'{k} {v:.3f}' for k, v in found.items())}"]
+            if (found := summary.get("benchmarks"))
+            else []
+        ),
         f"  metrics     {out / 'metrics.jsonl'}",
         f"  plot        {out / 'loss.png'}",
         f"  checkpoint  {checkpoints / 'latest'}",

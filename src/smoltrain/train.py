@@ -897,6 +897,7 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "rollbacks": state.rollbacks,
         "output_dir": str(out),
         "interrupted": interrupted,
+        "benchmarks": {k: v for k, v in run.last.items() if "/" in k},  # the latest eval.tasks scores
     }
     if state.step >= run.cfg.schedule.max_steps and state.step >= run.end_step and not interrupted:
         export_final(run.raw_model, run.accelerator, run.fsdp, out / "final", run.tokenizer)
