@@ -192,3 +192,6 @@ def test_a_typo_in_eval_tasks_stops_the_run_before_training(tmp_path, tasks_dir)
     run = smoltrain(*benchmark_args(tmp_path, "typo", tasks_dir, "eval.tasks=[arc_easy_locl]"), check=False)
     assert run.returncode == 1 and "did you mean arc_easy_local" in run.stderr
     assert not (tmp_path / "typo" / "metrics.jsonl").exists() or not metric_rows(tmp_path / "typo")
+    missing = f"eval.include_path={tmp_path / 'no-such-folder'}"
+    run = smoltrain(*benchmark_args(tmp_path, "typo", tasks_dir, missing, "--overwrite"), check=False)
+    assert run.returncode == 1 and "is not a folder of lm-eval task YAMLs" in run.stderr

@@ -492,10 +492,9 @@ def setup_run(
 
     check_data_at_start(cfg, tokenizer, accelerator, sequences_per_step)
     if cfg.eval.tasks:  # lm-eval installed, every task known: said now, not at the first benchmark
-        from smoltrain.benchmarks import expand_tasks, require_lm_eval, task_manager
+        from smoltrain.benchmarks import check_tasks
 
-        require_lm_eval()
-        expand_tasks(cfg.eval.tasks, task_manager(cfg.eval.include_path))
+        check_tasks(cfg.eval.tasks, cfg.eval.include_path)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     if resume:
