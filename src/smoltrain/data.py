@@ -437,25 +437,41 @@ class TokenStream(IterableDataset):
             st["rows"] = st["rows"] + [doc[i : i + T].tolist() for i in range(0, len(doc), T)]
 
     def _block(self, st: dict[str, Any], n: int) -> dict[str, Any]:
-        T = self.cfg.context_length
         tokens, starts = st["carry"][:n], [s for s in st["starts"] if s < n]
         st["carry"] = st["carry"][n:]
         st["starts"] = [s - n for s in st["starts"] if s >= n]
-        # Position ids restart at every document start; a document continued from the
-        # previous block restarts at 0 too (its earlier part is not visible here).
-        positions = torch.arange(T)
-        doc_ids = torch.zeros(T, dtype=torch.long)
-        for s in starts:
-            if s > 0:
-                positions[s:] -= positions[s].clone()
-                doc_ids[s:] += 1
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((T,), pad, dtype=torch.long)
-        input_ids[:n] = torch.tensor(tokens, dtype=torch.long)
-        labels = input_ids.clone()
-        labels[n:] = -100  # the padded tail of the last block of a finite pass
-        doc_ids[n:] = -1
-        return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "doc_ids": doc_ids}
+        return packed_example(
+            np.asarray(tokens, dtype=np.int64),
+            np.asarray(starts, dtype=np.int64),
+            self.cfg.context_length,
+            pad,
+        )
+
+
+def packed_example(tokens: np.ndarray, starts: np.ndarray, T: int, pad: int) -> dict[str, torch.Tensor]:
+    """One packed block of `T` (its `tokens`, padded when fewer, with the offsets where
+    documents start): position ids restart at every document start (a document continued
+    from the previous block restarts at 0 too: its earlier part is not visible here),
+    document ids count the documents, the padded tail is -100 in the labels and -1 in the ids."""
+    n = len(tokens)
+    index = np.arange(T)
+    is_start = np.zeros(T, dtype=bool)
+    is_start[0] = True
+    is_start[starts] = True
+    positions = index - np.maximum.accumulate(np.where(is_start, index, 0))
+    doc_ids = np.cumsum(is_start) - 1
+    doc_ids[n:] = -1
+    input_ids = np.full(T, pad, dtype=np.int64)
+    input_ids[:n] = tokens
+    labels = input_ids.copy()
+    labels[n:] = -100
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
+        "doc_ids": torch.from_numpy(doc_ids),
+    }
 
 
 def _tuplify(x):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smoltrain.data import DataConfig, MixtureEntry, TokenStream, _open_fn, make_collate
+from smoltrain.data import DataConfig, MixtureEntry, TokenStream, _open_fn, make_collate, packed_example
 from smoltrain.shards import ShardSet, check_tokenizer, is_prepared, read_manifest
 
 PERIOD = 10_000  # slots in one turn of a mixture's pattern
@@ -139,29 +139,8 @@ class ShardSamples:
 
     def get(self, k: int) -> dict[str, torch.Tensor] | None:
         b = self.block_index(k)
-        return None if b is None else self._example(**self.blocks.block(b))
-
-    def _example(self, tokens: np.ndarray, starts: np.ndarray) -> dict[str, torch.Tensor]:
-        # the same example TokenStream packs: positions restart at each document start (and
-        # at 0 for a document continued from the block before), doc ids count documents
-        T, n = self.T, len(tokens)
-        index = np.arange(T)
-        is_start = np.zeros(T, dtype=bool)
-        is_start[0] = True
-        is_start[starts] = True
-        positions = index - np.maximum.accumulate(np.where(is_start, index, 0))
-        doc_ids = np.cumsum(is_start) - 1
-        doc_ids[n:] = -1
-        input_ids = np.full(T, self.pad, dtype=np.int64)
-        input_ids[:n] = tokens
-        labels = input_ids.copy()
-        labels[n:] = -100
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(positions),
-            "doc_ids": torch.from_numpy(doc_ids),
-        }
+        # the example TokenStream packs from the same tokens
+        return None if b is None else packed_example(**self.blocks.block(b), T=self.T, pad=self.pad)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # the plan's sample count says where it is
