@@ -339,6 +339,8 @@ def evaluate_tasks(
         datasets.disable_progress_bars()
     manager = task_manager(include_path)
     names = expand_tasks(tasks, manager)
+    if limit is not None and limit >= 1:  # lm-eval reads a float as a fraction of each task
+        limit = int(limit)
     try:
         return simple_evaluate(
             model=lm,

@@ -179,12 +179,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_results(results, args.output)
 
 
-def _limit(value: str) -> int | float:
+def _limit(value: str) -> float:
     """lm-eval's --limit: a count of items, or a fraction of each task below 1."""
     number = float(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return number if number < 1 else int(number)
+    return number
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -802,8 +802,7 @@ def benchmark_and_log(run: Run) -> None:
             batch_size=b.batch_size,
             amp=lambda: autocast(model.device.type, run.precision),
         )
-        limit = None if b.limit is None else (b.limit if b.limit < 1 else int(b.limit))
-        results = evaluate_tasks(lm, b.tasks, b.include_path, limit, b.num_fewshot, quiet=True)
+        results = evaluate_tasks(lm, b.tasks, b.include_path, b.limit, b.num_fewshot, quiet=True)
     finally:
         model.train()
         set_rng_state(rng)
