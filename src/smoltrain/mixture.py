@@ -173,20 +173,19 @@ class StreamSamples:
 
     def get(self, k: int) -> dict[str, Any] | None:
         self.advance_to(k)
+        return self._next()
+
+    def advance_to(self, n: int) -> None:
+        """Read past the samples before n (the ones other ranks take)."""
+        while self.consumed < n and self._next() is not None:
+            pass
+
+    def _next(self) -> dict[str, Any] | None:
         if self._it is None:
             self._it = iter(self.loader)
         example = next(self._it, None)
         self.consumed += example is not None
         return example
-
-    def advance_to(self, n: int) -> None:
-        """Read past the samples before n (the ones other ranks take)."""
-        if self.consumed >= n:
-            return
-        if self._it is None:
-            self._it = iter(self.loader)
-        while self.consumed < n and next(self._it, None) is not None:
-            self.consumed += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed, "loader": self.loader.state_dict()}
