@@ -7,17 +7,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_bench_quick_runs_every_path(tmp_path):
     out = tmp_path / "RESULTS.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bench("bench", "--quick", "--out", str(out))
     assert "train tiny fp32: ours" in result.stdout and "train tiny bf16: ours" in result.stdout
     assert "train tiny compiled fp32: ours" in result.stdout
     generation = [line for line in result.stdout.splitlines() if line.startswith("generate fp32 batch 1")]
@@ -29,26 +30,12 @@ def test_bench_quick_runs_every_path(tmp_path):
 
 
 def test_data_bench_reports_prepare_and_loaders():
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.data", "--copies", "2", "--batches", "5", "--skip-cpu-training"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bench("bench.data", "--copies", "2", "--batches", "5", "--skip-cpu-training")
     assert "shard files identical for 1 and 2 workers: True" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| prepared shards, rank 0 of")]
     assert len(rows) == 2 and all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows)
 
 
 def test_eval_bench_compares_with_lm_eval_hf():
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.evals", "--copies", "1", "--repeats", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bench("bench.evals", "--copies", "1", "--repeats", "1")
     assert "same scores: True" in result.stdout and "ratio: **" in result.stdout
