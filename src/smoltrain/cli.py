@@ -90,11 +90,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
     dst = Path(args.dst)
+    if dst.suffix == ".gguf":
+        return convert_to_gguf(args)
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"'{dst}' is a file; convert writes a folder: give a folder path")
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         raise ValueError(f"folder '{dst}' is not empty; pass --overwrite to replace it, or another folder")
-    model = load_model(args.src, dtype=_dtype(args.dtype))
+    dtype = args.dtype or "float32"
+    model = load_model(args.src, dtype=_dtype(dtype))
     tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     # written beside and renamed over: never old and new files mixed, never half a folder
@@ -102,9 +105,41 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model.save_pretrained(tmp, tokenizer=tokenizer)
     publish_folder(tmp, dst, replace=True)
     print(
-        f"wrote {args.dst}: {model.num_parameters():,} parameters, {args.dtype}"
+        f"wrote {args.dst}: {model.num_parameters():,} parameters, {dtype}"
         f"{', with tokenizer' if tokenizer else ', no tokenizer (pass --tokenizer)'}"
     )
+
+
+def convert_to_gguf(args: argparse.Namespace) -> None:
+    """SRC -> one .gguf file (model and tokenizer) that llama.cpp runs."""
+    from smoltrain.gguf_export import gguf_dtype, write_gguf
+    from smoltrain.model_io import load_model
+    from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
+
+    dst = Path(args.dst)
+    dtype = gguf_dtype(args.dtype or "f16")  # llama.cpp's own default
+    if dst.is_dir():
+        raise ValueError(f"'{dst}' is a folder; give the path of the .gguf file to write")
+    if dst.exists() and not args.overwrite:
+        raise ValueError(f"'{dst}' exists; pass --overwrite to replace it, or another file name")
+    tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
+    if tokenizer_source is None:
+        raise ValueError(
+            f"'{args.src}' has no tokenizer, and llama.cpp needs one inside the GGUF; pass "
+            "--tokenizer (the one the model was trained with: smollm2, a folder or a .gguf)"
+        )
+    model = load_model(args.src)
+    write_gguf(model, dst, load_tokenizer(tokenizer_source), dtype, name=_model_name(args.src))
+    size = dst.stat().st_size / 2**20
+    print(f"wrote {dst}: {model.num_parameters():,} parameters, {dtype}, {size:,.1f} MiB")
+
+
+def _model_name(spec: str) -> str:
+    """A readable general.name: the run's folder for its final/ or step-N, else the last part."""
+    path = Path(spec)
+    if path.name == "final" or path.name.startswith("step-"):
+        return path.parent.name if path.name == "final" else f"{path.parent.parent.name}-{path.name}"
+    return path.stem or str(spec)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -240,12 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("convert", help="convert a GGUF file or HF folder into an HF folder")
-    c.add_argument("src", help="HF folder, .gguf file, hub name or 'smollm2'")
-    c.add_argument("dst", type=Path, help="output folder")
-    c.add_argument("--tokenizer", default=None, help="tokenizer to write beside the weights")
-    c.add_argument("--dtype", default="float32")
-    c.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
+    c = sub.add_parser(
+        "convert",
+        help="convert a model into an HF folder, or into a .gguf file for llama.cpp",
+        description="Write SRC as a Hugging Face folder, or, when DST ends in .gguf, as one GGUF file "
+        "(weights and tokenizer) that llama.cpp, Ollama and LM Studio run.",
+    )
+    c.add_argument("src", help="HF folder, run's final/ or step-N, .gguf file, hub name or 'smollm2'")
+    c.add_argument("dst", type=Path, help="output folder, or a file name ending in .gguf")
+    c.add_argument("--tokenizer", default=None, help="tokenizer to write too (default: the model's own)")
+    c.add_argument(
+        "--dtype",
+        default=None,
+        help="folder: float32 (default), bfloat16, float16; .gguf: f32, f16 (default), bf16, q8_0",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace a file or a folder that is not empty")
     c.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

@@ -127,4 +127,6 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
     ]
     if "final" in summary:
         lines.append(f"  model       {summary['final']} (transformers loads it)")
+    if "final_gguf" in summary:
+        lines.append(f"  gguf        {summary['final_gguf']} (llama.cpp, Ollama and LM Studio run it)")
     print("\n".join(lines), flush=True)

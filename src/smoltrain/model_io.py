@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -114,6 +115,9 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     raw_config = load_gguf_checkpoint(str(path))["config"]
+    for key in ("rms_norm_eps", "rope_theta"):  # GGUF keeps float32: 1e-5 reads as 9.99999974e-06
+        if key in raw_config:
+            raw_config[key] = float(str(np.float32(raw_config[key])))
     config = ModelConfig.from_hf(raw_config)
     hf_config = LlamaConfig(**{k: v for k, v in raw_config.items() if not k.startswith("_")})
     with torch.device("meta"):

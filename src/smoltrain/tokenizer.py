@@ -8,15 +8,47 @@ from smoltrain.atomic import publish_folder, staging_path
 from smoltrain.model_io import BUNDLED_NAME, cached_conversion, resolve_checkpoint
 
 
+def _tokenizer_from_hf_json(path: Path):
+    """The exact tokenizer of a GGUF that carries its tokenizer.json (GGUF's
+    `tokenizer.huggingface.json` key, which smoltrain writes); None for one that does not."""
+    from gguf import GGUFReader, Keys
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(path).fields
+    if Keys.Tokenizer.HF_JSON not in fields:
+        return None
+    tokens = fields[Keys.Tokenizer.LIST].contents()
+    specials = {
+        name: tokens[fields[key].contents()]
+        for name, key in [
+            ("bos_token", Keys.Tokenizer.BOS_ID),
+            ("eos_token", Keys.Tokenizer.EOS_ID),
+            ("unk_token", Keys.Tokenizer.UNK_ID),
+            ("pad_token", Keys.Tokenizer.PAD_ID),
+        ]
+        if key in fields
+    }
+    template = fields.get(Keys.Tokenizer.CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(fields[Keys.Tokenizer.HF_JSON].contents()),
+        chat_template=template.contents() if template else None,
+        **specials,
+    )
+
+
 def _gguf_tokenizer(path: Path):
-    """Tokenizer from a GGUF's metadata; parsing it takes seconds, so the converted fast
-    tokenizer is cached on disk, keyed by the file's path, size and mtime."""
+    """Tokenizer from a GGUF's metadata: its tokenizer.json when it carries one, else
+    transformers' rebuild from llama.cpp's keys. Parsing takes seconds, so the result is cached
+    on disk, keyed by the file's path, size and mtime."""
     from transformers import AutoTokenizer
 
     cached = cached_conversion("tokenizers", path)
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = _tokenizer_from_hf_json(path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tmp = staging_path(cached)
     tokenizer.save_pretrained(tmp)
     publish_folder(tmp, cached)

@@ -179,17 +179,24 @@ def sample(model: CustomLLM, tokenizer, cfg: TrainConfig) -> str:
     return cfg.log.sample_prompt + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def export_final(model: CustomLLM, accelerator, fsdp: bool, folder: Path, tokenizer) -> None:
-    """final/: a Hugging Face folder. A sharded model is gathered first (every rank joins)."""
-    if not fsdp:
-        if accelerator.is_main_process:
-            model.save_pretrained(folder, tokenizer=tokenizer)
+def export_final(
+    model: CustomLLM, accelerator, fsdp: bool, out: Path, tokenizer, gguf: str | None = None
+) -> None:
+    """final/: a Hugging Face folder, and final.gguf beside it when `gguf` names a dtype.
+    A sharded model is gathered first (every rank joins)."""
+    if fsdp:
+        state = full_model_state(model)
+        if not accelerator.is_main_process:
+            return
+        model = CustomLLM(model.config)
+        model.load_state_dict(state)
+    elif not accelerator.is_main_process:
         return
-    state = full_model_state(model)
-    if accelerator.is_main_process:
-        plain = CustomLLM(model.config)
-        plain.load_state_dict(state)
-        plain.save_pretrained(folder, tokenizer=tokenizer)
+    model.save_pretrained(out / "final", tokenizer=tokenizer)
+    if gguf:
+        from smoltrain.gguf_export import write_gguf
+
+        write_gguf(model, out / "final.gguf", tokenizer, gguf, name=out.name)
 
 
 class StopRequested:
@@ -266,7 +273,7 @@ def agree_on_config(cfg: TrainConfig, accelerator) -> TrainConfig:
     return agreed
 
 
-RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "loss.png", "run.json")
+RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "final.gguf", "loss.png", "run.json")
 
 
 def holds_run(out: Path) -> bool:
@@ -475,6 +482,11 @@ def setup_run(
         model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
         model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device.type))
     raw_model: CustomLLM = accelerator.unwrap_model(model)
+    if cfg.export.gguf:  # a model llama.cpp cannot represent is refused now, not after training
+        from smoltrain.gguf_export import check_exportable, check_tokenizer_exportable
+
+        check_exportable(raw_model.config)
+        check_tokenizer_exportable(tokenizer, raw_model.config.vocab_size)
     sequences_per_step = t.micro_batch_size * accum * world
     # the inner loader's batches between checkpoints: one worker state sent per checkpoint
     snapshot_every = cfg.log.checkpoint_every * accum * (1 if cfg.data.rank_split == "document" else world)
@@ -898,8 +910,10 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "benchmarks": {k: v for k, v in run.last.items() if "/" in k},  # the latest eval.tasks scores
     }
     if state.step >= run.cfg.schedule.max_steps and state.step >= run.end_step and not interrupted:
-        export_final(run.raw_model, run.accelerator, run.fsdp, out / "final", run.tokenizer)
+        export_final(run.raw_model, run.accelerator, run.fsdp, out, run.tokenizer, run.cfg.export.gguf)
         summary["final"] = str(out / "final")
+        if run.cfg.export.gguf:
+            summary["final_gguf"] = str(out / "final.gguf")
     if run.accelerator.is_main_process:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         print_end(summary, out, checkpoint_root(out))

@@ -107,6 +107,11 @@ class BenchmarkConfig:
 
 
 @dataclass
+class ExportConfig:
+    gguf: str | None = None  # f32 | f16 | bf16 | q8_0: also write final.gguf (llama.cpp) beside final/
+
+
+@dataclass
 class ResumeConfig:
     extra_steps: int = 50  # steps a resume of a finished run adds (the reference's phase "resume")
     log_every: int = 10  # log interval during those steps
@@ -122,6 +127,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     output_dir: str = "runs/default"
 
@@ -254,6 +260,13 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
     if cfg.eval.limit is not None and not cfg.eval.limit > 0:
         problems.append(f"eval.limit must be above 0 (or unset for every item), got {cfg.eval.limit}")
+    if cfg.export.gguf is not None:
+        from smoltrain.gguf_export import GGUF_DTYPES
+
+        if cfg.export.gguf not in GGUF_DTYPES:
+            problems.append(
+                f"export.gguf '{cfg.export.gguf}' is unknown; use {', '.join(GGUF_DTYPES)} (or null: no GGUF)"
+            )
     if cfg.train.peak_flops is not None and not cfg.train.peak_flops > 0:
         problems.append(f"train.peak_flops must be above 0 (or unset), got {cfg.train.peak_flops}")
     if problems:
