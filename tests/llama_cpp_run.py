@@ -1,0 +1,26 @@
+"""Run a GGUF in llama.cpp (llama-cpp-python), in a process of its own so that its threads and
+libraries never meet torch's: the ids it reads a text as, the text it decodes them to, its
+logits for them and its greedy continuation, saved to an .npz."""
+
+import argparse
+
+import numpy as np
+from llama_cpp import Llama
+
+parser = argparse.ArgumentParser()
+parser.add_argument("gguf")
+parser.add_argument("out")
+parser.add_argument("--text", required=True)
+parser.add_argument("--greedy", type=int, default=0, help="new tokens to decode greedily after the text")
+args = parser.parse_args()
+
+llm = Llama(model_path=args.gguf, logits_all=True, n_ctx=512, n_threads=2, verbose=False)
+ids = llm.tokenize(args.text.encode(), add_bos=False, special=True)
+llm.eval(ids)
+logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+greedy = []
+for _ in range(args.greedy):
+    greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    llm.eval([greedy[-1]])
+decoded = llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+np.savez(args.out, ids=np.array(ids), logits=logits, greedy=np.array(greedy, dtype=np.int64), decoded=decoded)
