@@ -246,6 +246,9 @@ def test_a_run_with_export_gguf_writes_final_gguf(tmp_path):
     ids = torch.randint(0, final.config.vocab_size, (1, 16))
     with torch.no_grad():
         assert relative_error(back(ids).logits, final(ids).logits) < BOUNDS["q8_0"]
+    # a checkpoint converts too, named after its run and step
+    main(["convert", str(tmp_path / "run" / "checkpoints" / "step-2"), str(tmp_path / "step.gguf")])
+    assert gguf.GGUFReader(tmp_path / "step.gguf").fields["general.name"].contents() == "run-step-2"
 
 
 def test_a_run_refuses_an_export_it_cannot_write_before_training(tmp_path):
