@@ -93,20 +93,38 @@ def lr_at(step: int, peak: float, s: ScheduleConfig) -> float:
     raise ValueError(f"schedule.kind '{s.kind}' is unknown; use linear, cosine, wsd or constant")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW; by default norms, biases and embeddings get no weight decay (they are not
-    matrices that decay regularizes, nanoGPT's and litgpt's choice)."""
+def build_optimizers(
+    model: torch.nn.Module, cfg: TrainConfig, device_type: str
+) -> list[torch.optim.Optimizer]:
+    """AdamW (`optim.name: adamw`), or Muon for the hidden layers' matrices beside AdamW for
+    the rest (`muon`): Muon orthogonalizes whole 2-D updates, which suits neither an embedding
+    row lookup nor a norm's vector. By default norms, biases and embeddings get no weight
+    decay (they are not matrices that decay regularizes, nanoGPT's and litgpt's choice).
+    Their peak learning rates, in the same order: `peak_lrs`."""
     o = cfg.optim
-    decay, no_decay = [], []
+    decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.dim() < 2 or "embed_tokens" in name
-        (no_decay if exempt and not o.decay_norms_and_embeddings else decay).append(p)
+        if o.name == "muon" and not exempt and "lm_head" not in name:
+            hidden.append(p)
+        else:
+            (no_decay if exempt and not o.decay_norms_and_embeddings else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # torch's checkpointing of two optimizers refuses empty ones
     # the fused kernel: one pass over the parameters, no foreach temporaries (+3% on CPU)
     fused = o.fused if o.fused is not None else device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+    if o.name == "adamw":
+        return [adamw]
+    muon = torch.optim.Muon(hidden, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum)
+    return [adamw, muon]
+
+
+def peak_lrs(cfg: TrainConfig) -> list[float]:
+    """The peak learning rate of each optimizer `build_optimizers` returns."""
+    return [cfg.optim.lr] + ([cfg.optim.muon_lr] if cfg.optim.name == "muon" else [])
 
 
 def autocast(device_type: str, precision: str):
@@ -400,7 +418,7 @@ class Run:
     model: torch.nn.Module  # wrapped for DDP, or sharded (FSDP2)
     raw_model: CustomLLM
     forward: Callable  # the model, compiled when train.compile
-    optimizer: Any  # Accelerate's wrapper, or the torch optimizer itself under FSDP
+    optimizers: list  # Accelerate's wrappers, or the torch optimizers themselves under FSDP
     loader: Any
     batches: Iterator
     tokenizer: Any
@@ -426,13 +444,13 @@ class Run:
     segment_start: float = field(default_factory=time.perf_counter)  # training time counted from
 
     @property
-    def torch_optimizer(self) -> torch.optim.Optimizer:
-        return torch_optimizer(self.optimizer)
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return torch_optimizers(self.optimizers)
 
 
-def torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's wrapper (FSDP runs use it unwrapped)."""
-    return getattr(optimizer, "optimizer", optimizer)
+def torch_optimizers(optimizers: list) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside Accelerate's wrappers (FSDP runs use them unwrapped)."""
+    return [getattr(o, "optimizer", o) for o in optimizers]
 
 
 def setup_run(
@@ -477,10 +495,10 @@ def setup_run(
         if precision == "fp16":
             raise TrainingError("train.fsdp with fp16 is not supported; use bf16 (or fp32)")
         model = build_sharded_model(cfg, tokenizer, accelerator, precision)
-        optimizer = build_optimizer(model, cfg, device.type)
+        optimizers = build_optimizers(model, cfg, device.type)
     else:
         model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
-        model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device.type))
+        model, *optimizers = accelerator.prepare(model, *build_optimizers(model, cfg, device.type))
     raw_model: CustomLLM = accelerator.unwrap_model(model)
     if cfg.export.gguf:  # a model llama.cpp cannot represent is refused now, not after training
         from smoltrain.gguf_export import check_exportable, check_tokenizer_exportable
@@ -511,7 +529,7 @@ def setup_run(
     state = RunState()
     if resume:
         state = restore_checkpoint(
-            resume_dir, accelerator, raw_model, torch_optimizer(optimizer), loader, cfg, scaler
+            resume_dir, accelerator, raw_model, torch_optimizers(optimizers), loader, cfg, scaler
         )
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", state.step)
@@ -541,7 +559,7 @@ def setup_run(
         model=model,
         raw_model=raw_model,
         forward=torch.compile(model) if t.compile and not fsdp else model,  # FSDP: per layer
-        optimizer=optimizer,
+        optimizers=optimizers,
         loader=loader,
         batches=iter(loader),
         tokenizer=tokenizer,
@@ -603,6 +621,11 @@ class StepResult:
     stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM): all checkpoint and end
 
 
+def zero_grad(run: Run) -> None:
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     """One optimizer step: gradients accumulated over `grad_accum_steps` micro-batches (synced
     across ranks on the last), clipped, applied. A non-finite loss or gradient norm skips the
@@ -611,9 +634,11 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     batches, uncounted (GradScaler's search for a scale; Megatron's policy too); overflows at
     a scale below 1 are non-finite steps."""
     cfg, state, accelerator, scaler = run.cfg, run.state, run.accelerator, run.scaler
-    lr = lr_at(state.step + 1, cfg.optim.lr, cfg.schedule)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    lrs = [lr_at(state.step + 1, peak, cfg.schedule) for peak in peak_lrs(cfg)]
+    for optimizer, lr in zip(run.optimizers, lrs, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    lr = lrs[0]  # AdamW's, the one logged
     device = accelerator.device
     step_loss = torch.zeros((), device=device)
     for micro in range(run.grad_accum_steps):
@@ -625,7 +650,8 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
             accelerator.backward(scaler.scale(scaled) if scaler else scaled)
         step_loss += loss.detach() / run.grad_accum_steps
     if scaler:
-        scaler.unscale_(run.torch_optimizer)  # clipping and the norm see the true gradients
+        for optimizer in run.torch_optimizers:  # clipping and the norm see the true gradients
+            scaler.unscale_(optimizer)
     if cfg.optim.grad_clip > 0:
         grad_norm = clip_grad_norm(run.model, accelerator, run.fsdp, cfg.optim.grad_clip)
     elif scaler:  # not clipped, but an overflow must still be seen
@@ -641,7 +667,7 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     loss_value, grad_norm_value, stop = torch.stack([step_loss, grad_norm.float(), stops]).tolist()
     stop = stop > 0
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-        run.optimizer.zero_grad(set_to_none=True)
+        zero_grad(run)
         overflow_scale = scaler.get_scale() if scaler else 0.0
         if scaler:
             scaler.update()  # halves the scale; the next unscale_ needs this step's update
@@ -670,7 +696,7 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
             )
         return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
     if is_spike(run, loss_value, grad_norm_value):
-        run.optimizer.zero_grad(set_to_none=True)
+        zero_grad(run)
         if scaler:
             scaler.update()
         state.step += 1
@@ -689,10 +715,11 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     if len(run.good_steps) > cfg.train.spike_window:
         run.good_steps.popleft()
     # the norm was finite, so are the gradients: step without GradScaler.step's own host sync
-    run.optimizer.step()
+    for optimizer in run.optimizers:
+        optimizer.step()
     if scaler:
         scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    zero_grad(run)
     state.step += 1
     state.bad_steps = 0
     state.tokens += run.tokens_per_step
@@ -742,7 +769,7 @@ def roll_back_if_spiking(run: Run) -> None:
     run.rollbacks_to[target] = times
     load_training_state(
         run.raw_model,
-        run.torch_optimizer,
+        run.torch_optimizers,
         Path(target) if is_main else None,
         run.raw_model.config.tie_word_embeddings,
         run.accelerator.num_processes > 1,
@@ -844,7 +871,7 @@ def checkpoint_now(run: Run) -> Path:
     return save_checkpoint(
         run.accelerator,
         run.model,
-        run.torch_optimizer,
+        run.torch_optimizers,
         run.loader,
         run.cfg,
         run.state,

@@ -27,7 +27,10 @@ class ModelSection:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4  # peak learning rate
+    name: str = "adamw"  # adamw | muon (Muon for the hidden layers' matrices, AdamW for the rest)
+    lr: float = 2e-4  # peak learning rate (AdamW's)
+    muon_lr: float = 0.02  # muon: Muon's peak learning rate (same schedule)
+    muon_momentum: float = 0.95
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -198,6 +201,7 @@ def _read_yaml(path: Path):
 # Choices and bounds checked when the config is loaded, so that a typo fails before any work
 # rather than at the step that first reads the key (schedule.kind at the end of warmup).
 CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("adamw", "muon"),
     "schedule.kind": ("linear", "cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cuda", "mps", "cpu"),
@@ -220,7 +224,7 @@ AT_LEAST_ONE = (
     "eval.every",
     "eval.batch_size",
 )
-POSITIVE = ("optim.lr", "optim.eps", "train.loss_scale")
+POSITIVE = ("optim.lr", "optim.muon_lr", "optim.eps", "train.loss_scale")
 AT_LEAST_ZERO = (
     "optim.weight_decay",
     "optim.grad_clip",
@@ -233,7 +237,13 @@ AT_LEAST_ZERO = (
     "log.sample_tokens",
     "resume.extra_steps",
 )
-FRACTIONS = ("optim.beta1", "optim.beta2", "schedule.min_lr_ratio", "schedule.decay_fraction")
+FRACTIONS = (
+    "optim.beta1",
+    "optim.beta2",
+    "optim.muon_momentum",
+    "schedule.min_lr_ratio",
+    "schedule.decay_fraction",
+)
 
 
 def _get(cfg: TrainConfig, key: str):
