@@ -45,6 +45,7 @@ def small_run_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
         "--device",
         "cpu",
         f"data.source={corpus}",
+        "tokenizer=smollm2",  # the quickstart's own is trained by make demo
         "data.context_length=32",
         "data.shuffle_buffer=8",
         "data.eval_every=10",

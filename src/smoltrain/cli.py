@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "device": args.device,
     }
     cfg = config_for_cli(
-        args.config, args.overrides, args.phase, args.checkpoint, flags, args.allow_config_changes
+        args.config, args.overrides, args.phase, args.checkpoint, flags, args.allow_config_changes, args.steps
     )
     train(
         cfg,
@@ -183,6 +183,29 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         f"{m['eval_documents']:,} held-out ({m['eval_tokens']:,} tokens) in {len(m['shards'])} shard(s), "
         f"{m['dtype']}, at {m['tokens_per_second'] or 0:,} tokens/s -> {args.out_dir}; "
         f"train with data.source={args.out_dir}"
+    )
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from smoltrain.atomic import publish_folder, staging_path
+    from smoltrain.tokenizer import train_tokenizer, training_documents
+
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"'{out}' is a file; the tokenizer is written as a folder: give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"folder '{out}' is not empty; pass --overwrite to replace it, or another folder")
+    if args.eval_every == 1:
+        raise ValueError("--eval-every 1 would hold out every document; use 0 (none held out) or 2 and up")
+    start = time.perf_counter()
+    documents = training_documents(args.source, args.eval_every, args.text_column, args.txt_documents)
+    tokenizer = train_tokenizer(documents, args.vocab_size, args.min_frequency, args.chat_template)
+    tmp = staging_path(out)  # a whole tokenizer folder or none
+    tokenizer.save_pretrained(tmp)
+    publish_folder(tmp, out, replace=True)
+    print(
+        f"trained a {len(tokenizer):,}-token byte-level BPE tokenizer in {time.perf_counter() - start:.0f}s "
+        f"-> {out}; use it with tokenizer: {out} in a config (the model's vocabulary follows it)"
     )
 
 
@@ -310,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
+    tok = sub.add_parser("tokenizer", help="tokenizer tools: train one on your corpus")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tok_sub.add_parser(
+        "train",
+        help="train a byte-level BPE tokenizer (SmolLM2's kind) on a source",
+        description="Learn a byte-level BPE tokenizer from SOURCE's training documents (the held-out ones "
+        "excluded, as data.eval_every splits them) with the tokenizers library, into OUT_DIR.",
+    )
+    tt.add_argument("source", help="hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs")
+    tt.add_argument("out_dir", type=Path, help="output folder (tokenizer.json and its config)")
+    tt.add_argument("--vocab-size", type=int, required=True, help="tokens, special tokens included")
+    tt.add_argument("--min-frequency", type=int, default=2, help="a merge needs a pair seen this often")
+    tt.add_argument("--chat-template", action="store_true", help="add SmolLM2's ChatML chat template")
+    tt.add_argument("--eval-every", type=int, default=200, help="leave out the 1-in-K held-out documents")
+    tt.add_argument("--text-column", default="text")
+    tt.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
+    tt.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
     e = sub.add_parser(
         "eval",
         help="benchmark scores through lm-evaluation-harness (hellaswag, arc_easy, ..., or smollm2)",
@@ -336,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a YAML config; dotted overrides like optim.lr=3e-4 follow the flags.",
     )
     t.add_argument("--config", default=None, help="YAML file (configs/quickstart.yaml, ...)")
-    t.add_argument("--phase", choices=["init", "resume"], default="init")
+    t.add_argument(
+        "--phase",
+        choices=["init", "resume", "cooldown"],
+        default="init",
+        help="cooldown: branch a linear decay to 0 off a wsd run's --checkpoint, for --steps steps",
+    )
+    t.add_argument("--steps", type=int, default=None, help="cooldown: the decay's length in steps")
     t.add_argument("--checkpoint", default=None, help="resume from: step-N folder, run folder, or .../latest")
     t.add_argument("--output-dir", default=None)
     t.add_argument("--max-steps", type=int, default=None, help="length of the schedule")

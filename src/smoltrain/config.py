@@ -155,7 +155,29 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # The reference's architecture table (docs/reference-run.md): 134,515,008 parameters.
     "smollm2-135m": ModelConfig(),
-    # The quickstart and test model: 7.3M parameters, most of them the 49k-token embedding.
+    # The released SmolLM2-360M and -1.7B shapes (their config.json): 361,821,120 and
+    # 1,711,376,384 parameters, both with tied embeddings and an 8k context.
+    "smollm2-360m": ModelConfig(
+        hidden_size=960,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        intermediate_size=2560,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        initializer_range=0.02,
+    ),
+    "smollm2-1.7b": ModelConfig(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,  # no GQA at this size
+        intermediate_size=8192,
+        max_position_embeddings=8192,
+        rope_theta=130000.0,
+        initializer_range=0.02,
+    ),
+    # The test model: 7.3M parameters with the 49k SmolLM2 vocabulary, most of them the embedding.
     "tiny": ModelConfig(
         hidden_size=128,
         num_hidden_layers=4,

@@ -89,6 +89,39 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     plt.close(fig)
 
 
+def plot_branches(run: Path, out_path: Path) -> None:
+    """Eval loss (and benchmark scores, when the run logs them) against training tokens of a
+    warmup-stable-decay run and of every cooldown branch beside it (RUN-cooldown-*)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [run, *sorted(run.parent.glob(f"{run.name}-cooldown-*"))]
+    curves = {}  # (label, "eval_loss" or "task/metric") -> [(tokens, value)]
+    for folder in runs:
+        if not (folder / "metrics.jsonl").is_file():
+            continue
+        label = "main run" if folder == run else folder.name.removeprefix(f"{run.name}-")
+        for r in read_metrics(folder / "metrics.jsonl"):
+            for key, value in r.items():
+                if (key == "eval_loss" or "/" in key) and isinstance(value, (int, float)) and "tokens" in r:
+                    curves.setdefault((label, key), []).append((r["tokens"], value))
+    scores = sorted({key for _, key in curves if key != "eval_loss"})
+    fig, axes = plt.subplots(1, 1 + len(scores), figsize=(7 + 5 * len(scores), 4), squeeze=False)
+    for ax, key in zip(axes[0], ["eval_loss", *scores], strict=True):
+        for (label, k), points in curves.items():
+            if k == key:
+                ax.plot(*zip(*sorted(points), strict=True), "o-", label=label, markersize=3)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    write_atomic(out_path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config as dotted keys of plain values, as the trackers want it."""
     flat: dict[str, Any] = {}
@@ -112,6 +145,8 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
     lines = [
         f"done: step {summary['step']} in {summary['seconds']:.0f}s, train loss {fmt(summary['loss'])}, "
         f"eval loss {fmt(summary['eval_loss'])}"
+        + (f" (from {fmt(start)} at step 0)" if (start := summary.get("start_eval_loss")) is not None else "")
+        + (f", {bpb:.3f} bits/byte" if (bpb := summary.get("eval_bpb")) is not None else "")
         + (f", {summary['skipped_steps']} non-finite steps skipped" if summary["skipped_steps"] else "")
         + (f", {n} fp16 overflows retried at a lower scale" if (n := summary.get("overflow_steps")) else "")
         + (f", {n} loss spikes skipped" if (n := summary.get("spike_steps")) else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from smoltrain.atomic import publish_folder, staging_path
@@ -109,3 +110,62 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False):
 def stop_token_ids(model_eos: int | None, tokenizer) -> list[int]:
     """Generation stops at the model's EOS and at the tokenizer's (they can differ)."""
     return [t for t in {model_eos, tokenizer.eos_token_id} if t is not None]
+
+
+# SmolLM2's first three tokens, at its ids: a trained tokenizer keeps the presets' bos/eos (0).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2's ChatML template, without its default system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, min_frequency: int = 2, chat_template: bool = False
+):
+    """A byte-level BPE tokenizer of SmolLM2's kind, learned from `documents` with the
+    `tokenizers` library: digits split one by one, then GPT-2's byte-level pre-tokenizer (no
+    unknown token: any text encodes), SmolLM2's special tokens first. Returns a transformers
+    fast tokenizer; deterministic for the same documents in the same order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    smallest = len(SPECIAL_TOKENS) + 256  # the specials and the 256 bytes
+    if vocab_size <= smallest:
+        raise ValueError(
+            f"--vocab-size {vocab_size} leaves no room for merges: the {len(SPECIAL_TOKENS)} special "
+            f"tokens and the 256 bytes take {smallest}; use a few thousand or more (SmolLM2: 49152)"
+        )
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(documents, trainer=trainer)
+    end = SPECIAL_TOKENS[0]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=end,
+        eos_token=end,
+        unk_token=end,
+        chat_template=CHAT_TEMPLATE if chat_template else None,
+    )
+
+
+def training_documents(source: str, eval_every: int, text_column: str = "text", txt_documents: str = "file"):
+    """A source's documents but the held-out ones (the tokenizer must not have seen the text
+    the eval loss is measured on): the same 1-in-`eval_every` split as data.eval_every."""
+    from smoltrain.data import is_eval_document, open_source
+
+    for row in open_source(source, text_column, txt_documents):
+        if row["text"] and not (eval_every and is_eval_document(row["text"], eval_every)):
+            yield row["text"]

@@ -48,7 +48,15 @@ from smoltrain.data import build_loader, resolve_rank_split
 from smoltrain.device import cuda_training_settings, peak_flops, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
-from smoltrain.metrics import MetricsLog, flatten, plot_losses, print_end, print_start, truncate_metrics
+from smoltrain.metrics import (
+    MetricsLog,
+    flatten,
+    plot_branches,
+    plot_losses,
+    print_end,
+    print_start,
+    truncate_metrics,
+)
 from smoltrain.mixture import describe as describe_data
 from smoltrain.mixture import uses_plan
 from smoltrain.model import CustomLLM
@@ -69,6 +77,13 @@ __all__ = ["TrainingError", "config_for_cli", "lr_at", "setup_run", "train", "tr
 # ----------------------------------------------------------------------------- pieces
 
 
+def wsd_decay_start(s: ScheduleConfig) -> int:
+    """The last step at the peak learning rate of a warmup-stable-decay schedule."""
+    if s.decay_start is not None:
+        return s.decay_start
+    return s.max_steps - int(s.decay_fraction * (s.max_steps - s.warmup_steps))
+
+
 def lr_at(step: int, peak: float, s: ScheduleConfig) -> float:
     """Learning rate of optimizer step `step` (1-based). Linear warmup to `peak`, then the
     chosen decay to `peak * min_lr_ratio` at `max_steps`; past it, `past_end_lr`."""
@@ -80,7 +95,7 @@ def lr_at(step: int, peak: float, s: ScheduleConfig) -> float:
     if s.kind == "constant":
         return peak
     if s.kind == "wsd":
-        decay_start = s.max_steps - int(s.decay_fraction * (s.max_steps - s.warmup_steps))
+        decay_start = wsd_decay_start(s)
         if step <= decay_start:
             return peak
         progress = (step - decay_start) / max(1, s.max_steps - decay_start)
@@ -307,7 +322,7 @@ def prepare_output_dir(cfg: TrainConfig, phase: str, overwrite: bool) -> Path:
     """The output folder, refused at init if it holds a run and `overwrite` is off. Nothing
     is removed here: `clear_old_run` does that once everything has been checked."""
     out = Path(cfg.output_dir)
-    if phase == "init" and holds_run(out) and not overwrite:
+    if phase != "resume" and holds_run(out) and not overwrite:
         resume = f"--phase resume --checkpoint {out} to continue it, " if (out / CHECKPOINTS).is_dir() else ""
         raise TrainingError(
             f"output folder '{out}' already holds a run; pass --overwrite to replace it, "
@@ -334,6 +349,8 @@ def build_model(cfg: TrainConfig, tokenizer) -> CustomLLM:
         model = load_model(cfg.model.init_from)
     else:
         model_config: ModelConfig = cfg.model.build_config()
+        if "vocab_size" not in cfg.model.overrides:  # the vocabulary follows the tokenizer
+            model_config.vocab_size = -(-len(tokenizer) // 64) * 64  # rows in multiples of 64: faster matmuls
         model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         model_config.pad_token_id = tokenizer.pad_token_id
         model = CustomLLM(model_config)
@@ -441,6 +458,8 @@ class Run:
     window: Window = field(default_factory=Window)
     last: dict[str, float] = field(default_factory=dict)  # the latest logged figures
     start_step: int = 0
+    start_eval_loss: float | None = None  # log.eval_at_start's, before the first step
+    branch_of: Path | None = None  # a cooldown branch's source run folder
     segment_start: float = field(default_factory=time.perf_counter)  # training time counted from
 
     @property
@@ -475,7 +494,7 @@ def setup_run(
     remove_partial_checkpoints(out / CHECKPOINTS)  # a killed save's; no other run is writing
     cfg = agree_on_config(cfg, accelerator)
     # rank 0 reads the checkpoint and sends each rank its part
-    resume = phase == "resume"
+    resume = phase in ("resume", "cooldown")  # a cooldown branch starts from a checkpoint too
     resume_dir = resolve_checkpoint_dir(checkpoint) if resume and accelerator.is_main_process else None
     device, world, t = accelerator.device, accelerator.num_processes, cfg.train
     # shards and mixtures: each rank reads its own micro-batches of one global order
@@ -531,7 +550,7 @@ def setup_run(
         state = restore_checkpoint(
             resume_dir, accelerator, raw_model, torch_optimizers(optimizers), loader, cfg, scaler
         )
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and phase == "resume":
             truncate_metrics(out / "metrics.jsonl", state.step)
     end_step, log_every = cfg.schedule.max_steps, cfg.log.log_every
     if resume and state.step >= cfg.schedule.max_steps:
@@ -540,7 +559,7 @@ def setup_run(
     if stop_at_step is not None:
         end_step = min(end_step, stop_at_step)
 
-    if not resume:  # everything is built and checked: only now does an old run go
+    if phase != "resume":  # everything is built and checked: only now does an old run go
         if accelerator.is_main_process:
             clear_old_run(out)
         accelerator.wait_for_everyone()
@@ -560,6 +579,7 @@ def setup_run(
         raw_model=raw_model,
         forward=torch.compile(model) if t.compile and not fsdp else model,  # FSDP: per layer
         optimizers=optimizers,
+        branch_of=resume_dir.parent.parent if phase == "cooldown" and resume_dir else None,
         loader=loader,
         batches=iter(loader),
         tokenizer=tokenizer,
@@ -816,9 +836,11 @@ def log_progress(run: Run, result: StepResult) -> None:
 
 def evaluate_and_log(run: Run) -> None:
     eval_loss, bpb = evaluate(run.model, run.accelerator, run.cfg, run.tokenizer, run.fsdp, run.precision)
-    run.last["eval_loss"] = eval_loss
+    run.last["eval_loss"], run.last["eval_bpb"] = eval_loss, bpb
     perplexity = math.exp(min(eval_loss, 50))
-    run.metrics.write(run.state.step, eval_loss=eval_loss, perplexity=perplexity, eval_bpb=bpb)
+    run.metrics.write(
+        run.state.step, eval_loss=eval_loss, perplexity=perplexity, eval_bpb=bpb, tokens=run.state.tokens
+    )
     if run.accelerator.is_main_process:
         figures = f"perplexity {perplexity:.1f}, {bpb:.3f} bits/byte"
         run.bar.write(f"step {run.state.step}: eval loss {eval_loss:.3f} ({figures})")
@@ -927,6 +949,8 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "step": state.step,
         "loss": run.last.get("loss"),
         "eval_loss": run.last.get("eval_loss"),
+        "eval_bpb": run.last.get("eval_bpb"),
+        "start_eval_loss": run.start_eval_loss,
         "seconds": state.elapsed,
         "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps,
@@ -943,6 +967,8 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
             summary["final_gguf"] = str(out / "final.gguf")
     if run.accelerator.is_main_process:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if run.branch_of is not None:
+            plot_branches(run.branch_of, out / "branches.png")
         print_end(summary, out, checkpoint_root(out))
     run.metrics.close()
     # all ranks tear the process group down together: a rank that exits while another still
@@ -964,6 +990,9 @@ def train(
     """Run phase `init` (from scratch or `model.init_from`) or `resume` (from `checkpoint`).
     Returns a summary (final losses, time, paths)."""
     run = setup_run(cfg, phase, checkpoint, stop_at_step, overwrite)
+    if cfg.log.eval_at_start and run.state.step == 0:
+        evaluate_and_log(run)
+        run.start_eval_loss = run.last["eval_loss"]
     stopping = False
     with StopRequested() as stop:
         while run.state.step < run.end_step:
@@ -986,11 +1015,14 @@ def config_for_cli(
     checkpoint: str | None,
     flags: dict[str, Any],
     allow_config_changes: bool = False,
+    cooldown_steps: int | None = None,
 ) -> TrainConfig:
     """The resolved config: a resume starts from the checkpoint's own config, and keys that
     change the run itself (batch, schedule, precision, data) may differ from it only with
     `allow_config_changes`."""
     base = None
+    if phase == "cooldown":
+        return cooldown_config(config_path, overrides, checkpoint, cooldown_steps, flags)
     if phase == "resume":
         if checkpoint is None:
             raise TrainingError(
@@ -1011,6 +1043,61 @@ def config_for_cli(
             f"resuming {ckpt} with a config that changes the run: {'; '.join(changed)}. Pass "
             "--allow-config-changes to resume with them anyway, or leave them out (the checkpoint's "
             "own config is the default on resume)"
+        )
+    return cfg
+
+
+def cooldown_config(
+    config_path: str | None,
+    overrides: list[str],
+    checkpoint: str | None,
+    steps: int | None,
+    flags: dict[str, Any],
+) -> TrainConfig:
+    """A decay-anytime branch: from checkpoint step K of a warmup-stable-decay run, the
+    stable learning rate decays linearly to 0 over `steps` more steps
+    (schedule.decay_start=K, max_steps=K+steps), into a folder of its own beside the run
+    (RUN-cooldown-stepK-N by default); the source run is only read."""
+    if checkpoint is None or steps is None:
+        raise TrainingError("--phase cooldown needs --checkpoint DIR (a step-N folder or run) and --steps N")
+    if steps < 1:
+        raise TrainingError(f"--steps must be at least 1 (the decay's length), got {steps}")
+    if flags.get("max_steps") is not None:
+        raise TrainingError(
+            "--phase cooldown sets the schedule's end itself (step K + --steps); drop --max-steps"
+        )
+    ckpt = resolve_checkpoint_dir(checkpoint, required=os.environ.get("RANK", "0") == "0")
+    base = checkpoint_config(ckpt)
+    step = json.loads((ckpt / "trainer_state.json").read_text())["state"]["step"]
+    schedule = load_config(base=base).schedule
+    if schedule.kind != "wsd":
+        raise TrainingError(
+            f"{ckpt} is from a '{schedule.kind}' schedule; a cooldown branch decays from the stable "
+            "phase of a warmup-stable-decay run (schedule.kind: wsd)"
+        )
+    if not schedule.warmup_steps <= step <= wsd_decay_start(schedule):
+        raise TrainingError(
+            f"{ckpt} is at step {step}, outside its run's stable phase (steps {schedule.warmup_steps} to "
+            f"{wsd_decay_start(schedule)}); branch from a checkpoint in it"
+        )
+    run_folder = ckpt.parent.parent
+    out = flags.get("output_dir") or str(run_folder.parent / f"{run_folder.name}-cooldown-step{step}-{steps}")
+    dotted = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
+    branch = [
+        f"schedule.max_steps={step + steps}",
+        f"schedule.decay_start={step}",
+        "schedule.min_lr_ratio=0",  # a decay to 0
+        f"output_dir={out}",
+    ]
+    cfg = load_config(config_path, [*overrides, *dotted, *branch], base=base)
+    changed = [
+        c
+        for c in resume_changes(base, cfg)
+        if not c.startswith(("schedule.max_steps", "schedule.decay", "schedule.min_lr"))
+    ]
+    if changed:
+        raise TrainingError(
+            f"a cooldown branch continues its run as it was; these keys would change it: {'; '.join(changed)}"
         )
     return cfg
 

@@ -47,6 +47,7 @@ class ScheduleConfig:
     max_steps: int = 5000  # optimizer steps in the schedule; the run ends here
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
+    decay_start: int | None = None  # wsd: the step after which the decay begins (a cooldown branch's)
     past_end_lr: float = 0.0  # lr for steps beyond max_steps (the resume phase's extra steps)
 
 
@@ -84,6 +85,7 @@ class TrainLoopConfig:
 class LogConfig:
     log_every: int = 100  # optimizer steps between log lines
     eval_every: int = 500
+    eval_at_start: bool = False  # also evaluate before the first step (the gain shows at the end)
     eval_batches: int = 20  # batches of the held-out split per evaluation
     sample_every: int = 500
     sample_prompt: str = "The future of AI is"
