@@ -84,6 +84,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"\n[{count} pieces in {elapsed:.1f}s on {device}]", file=sys.stderr)
 
 
+def check_output_folder(folder: Path, overwrite: bool) -> None:
+    """A folder a command writes whole: refused when it is a file, or holds files and
+    `overwrite` is off (the command replaces it only once the new one is complete)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"'{folder}' is a file; this writes a folder: give a folder path")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ValueError(f"folder '{folder}' is not empty; pass --overwrite to replace it, or another folder")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from smoltrain.atomic import publish_folder, staging_path
     from smoltrain.model_io import load_model
@@ -92,10 +101,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     dst = Path(args.dst)
     if dst.suffix == ".gguf":
         return convert_to_gguf(args)
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"'{dst}' is a file; convert writes a folder: give a folder path")
-    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
-        raise ValueError(f"folder '{dst}' is not empty; pass --overwrite to replace it, or another folder")
+    check_output_folder(dst, args.overwrite)
     dtype = args.dtype or "float32"
     model = load_model(args.src, dtype=_dtype(dtype))
     tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
@@ -191,10 +197,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from smoltrain.tokenizer import train_tokenizer, training_documents
 
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"'{out}' is a file; the tokenizer is written as a folder: give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"folder '{out}' is not empty; pass --overwrite to replace it, or another folder")
+    check_output_folder(out, args.overwrite)
     if args.eval_every == 1:
         raise ValueError("--eval-every 1 would hold out every document; use 0 (none held out) or 2 and up")
     start = time.perf_counter()
