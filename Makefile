@@ -18,7 +18,7 @@ $(BIN)/smoltrain: pyproject.toml
 setup: $(BIN)/smoltrain
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests  # two workers: most tests wait on a subprocess
 
 # Two legs, about 5 minutes on 2 cores. (a) Pre-training from scratch: a tokenizer learned on
 # the built-in corpus, the tiny model trained with it, a sample. (b) Continued pre-training of

@@ -4,7 +4,7 @@ optimizer with a small learning-rate sweep (AdamW's lr; Muon's muon_lr, AdamW ke
 quickstart's lr for the embeddings and norms). The held-out loss is measured every
 `--eval-every` steps; seconds are the run's training time per step times the step.
 
-Usage: python -m bench.muon [--adamw-lrs 1.5e-3,3e-3,6e-3] [--muon-lrs 0.01,0.02,0.04] [--steps N]"""
+Usage: python -m bench.muon [--adamw-lrs 1e-3,2e-3,4e-3] [--muon-lrs 0.01,0.02,0.04] [--steps N]"""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--adamw-lrs", default="1.5e-3,3e-3,6e-3")
+    parser.add_argument("--adamw-lrs", default="1e-3,2e-3,4e-3")
     parser.add_argument("--muon-lrs", default="0.01,0.02,0.04")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--steps", type=int, default=None, help="schedule length (default: the quickstart's)")
