@@ -18,7 +18,7 @@ $(BIN)/smoltrain: pyproject.toml
 setup: $(BIN)/smoltrain
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests  # two workers: 1495 s against 1936 s serial, same machine, same day
 
 # Two legs, about 5 minutes on 2 cores. (a) Pre-training from scratch: a tokenizer learned on
 # the built-in corpus, the tiny model trained with it and Muon (bench.muon: half the AdamW
