@@ -1,9 +1,19 @@
-"""The CUDA defaults, proven on CPU: TF32, the MFU ceiling, CUDA graphs for the compiled
-decode step, and no CPU-only kernel or glibc setting off CPU."""
+"""What the machine decides: the precision `auto` picks from measured matmul speeds (faked
+both ways), the CUDA defaults proven on CPU (TF32, the MFU ceiling, CUDA graphs for the
+compiled decode step), and no CPU-only kernel or glibc setting off CPU."""
 
+import pytest
 import torch
 
-from smoltrain.device import cuda_training_settings, datasheet_peak_flops, measure_peak_flops
+from smoltrain import device as device_module
+from smoltrain.device import (
+    choose_precision,
+    cpu_matmul_speeds,
+    cuda_training_settings,
+    datasheet_peak_flops,
+    format_flops,
+    measure_peak_flops,
+)
 from smoltrain.generate import decode_compile_mode
 from smoltrain.kernels import choose_kernels
 from smoltrain.perf import cpu_training_tweaks
@@ -47,3 +57,78 @@ def test_no_cpu_only_kernel_or_glibc_setting_off_cpu(monkeypatch):
             chosen = choose_kernels(device, precision)
             assert "rms_norm" not in chosen and "chunked_loss" in chosen, (device, precision)
         assert cpu_training_tweaks(device, True) == []
+
+
+# Matmul FLOP/s as measured on the two CPUs of SPEC.md: with AMX bf16 units, and an AVX2-only
+# EPYC that emulates bf16 and fp16
+NATIVE_BF16 = {"fp32": 143e9, "bf16": 409e9, "fp16": 40e9}
+EMULATED_BF16 = {"fp32": 77.7e9, "bf16": 0.9e9, "fp16": 0.8e9}
+
+
+def test_auto_precision_on_cpu_follows_the_measured_matmul_speeds():
+    native = choose_precision("auto", "cpu", NATIVE_BF16)
+    assert native.precision == "bf16" and native.warning is None
+    assert "native bf16, faster" in native.reason and "409.0 GFLOP/s" in native.reason
+    emulated = choose_precision("auto", "cpu", EMULATED_BF16)
+    assert emulated.precision == "fp32" and emulated.warning is None
+    assert "no fast bf16" in emulated.reason and "0.9 GFLOP/s" in emulated.reason
+    # bf16 a little faster than fp32 is not enough: autocast's casts would eat it
+    assert choose_precision("auto", "cpu", {"fp32": 100e9, "bf16": 120e9, "fp16": 1e9}).precision == "fp32"
+
+
+def test_an_explicit_slow_precision_runs_with_the_measured_ratio_named():
+    slow = choose_precision("bf16", "cpu", EMULATED_BF16)
+    assert slow.precision == "bf16"
+    assert slow.warning == (
+        "bf16 matmuls run 86x slower than fp32 on this CPU (0.9 GFLOP/s vs 77.7 GFLOP/s); "
+        "precision=auto picks fp32"
+    )
+    fp16 = choose_precision("fp16", "cpu", NATIVE_BF16)
+    assert (
+        fp16.warning is not None
+        and "fp16 matmuls run 4x slower" in fp16.warning
+        and "picks bf16" in fp16.warning
+    )
+    assert choose_precision("bf16", "cpu", NATIVE_BF16).warning is None
+    assert choose_precision("fp32", "cpu", NATIVE_BF16).warning is None  # slower than bf16, but asked for
+
+
+def test_auto_precision_on_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert choose_precision("auto", "cuda").precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert choose_precision("auto", "cuda").precision == "fp16"  # V100, T4: with loss scaling
+    assert choose_precision("bf16", "mps").precision == "fp32"
+    assert "off on MPS" in choose_precision("bf16", "mps").warning
+    with pytest.raises(ValueError, match="train.precision 'fp8' is unknown"):
+        choose_precision("fp8", "cpu", NATIVE_BF16)
+
+
+def test_flops_are_named_in_a_unit_that_shows_their_size():
+    assert format_flops(0.9e9) == "0.9 GFLOP/s"  # was "0.0 TFLOP/s"
+    assert format_flops(77.7e9) == "77.7 GFLOP/s"
+    assert format_flops(989e12) == "989.0 TFLOP/s"
+    assert format_flops(2e6) == "2.0 MFLOP/s"
+
+
+def test_cpu_matmul_speeds_are_measured_once_per_machine_and_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLTRAIN_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(
+        device_module, "measure_cpu_matmul", lambda dtype: calls.append(dtype) or 1e9 * len(calls)
+    )
+    first = cpu_matmul_speeds()
+    assert len(calls) == 3 and first == {"fp32": 1e9, "bf16": 2e9, "fp16": 3e9}
+    assert cpu_matmul_speeds() == first and len(calls) == 3  # read back, not measured
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # other matmul kernels: measured anew
+    cpu_matmul_speeds()
+    assert len(calls) == 6
+    for path in (tmp_path / "machine").glob("*.json"):
+        path.write_text("{not json")  # damaged: measured again, not a crash
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert cpu_matmul_speeds() == {"fp32": 7e9, "bf16": 8e9, "fp16": 9e9}
+
+
+def test_cpu_matmul_measurement_is_short_and_plausible():
+    flops = device_module.measure_cpu_matmul(torch.float32)
+    assert 1e8 < flops < 1e14

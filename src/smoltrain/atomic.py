@@ -13,6 +13,13 @@ from pathlib import Path
 from smoltrain.errors import TrainingError
 
 
+def cache_dir() -> Path:
+    """Where derived files are kept between runs: converted GGUF weights and tokenizers, the
+    built-in corpus, this machine's measured matmul speeds ($SMOLTRAIN_CACHE moves it)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "smoltrain"
+    return Path(os.environ.get("SMOLTRAIN_CACHE") or default).expanduser()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

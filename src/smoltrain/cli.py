@@ -256,6 +256,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
 
 
+def cmd_env(args: argparse.Namespace) -> None:
+    import json
+
+    from smoltrain.device import pick_device
+    from smoltrain.machine import format_report, machine_report
+
+    if args.micro_batch < 1 or args.context < 1:
+        raise ValueError("--micro-batch and --context must be at least 1")
+    report = machine_report(
+        pick_device(args.device), args.preset, args.micro_batch, args.context, args.precision
+    )
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
 def _trains_on_cpu_with_tuning(args: argparse.Namespace) -> bool:
     """Whether this `train` command runs on CPU with train.tune_malloc on, judged before
     torch is imported (the relaunch that turns glibc's tcache off must come first, and a
@@ -405,6 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=8")
     t.set_defaults(func=cmd_train)
+
+    env = sub.add_parser(
+        "env",
+        help="what this machine can do, what auto picks, and the memory a run needs (paste into bug reports)",
+        description="Versions, devices, the CPU's extensions and measured matmul speeds, the precision and "
+        "kernels `auto` picks, installed extras, and the training memory of a preset at a micro-batch "
+        "and context.",
+    )
+    env.add_argument("--preset", default="smollm2-135m", help="model preset for the memory estimate")
+    env.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
+    env.add_argument("--context", type=int, default=256, help="tokens per sequence")
+    env.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    env.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    env.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    env.set_defaults(func=cmd_env)
 
     s = sub.add_parser("serve", help="serve a model in a Gradio web app")
     s.add_argument("--model", default="smollm2", help="HF folder, run's final/ or step-N, .gguf, hub name")

@@ -275,8 +275,7 @@ def _collect_python_docs(out_dir: str, shards: int = 8) -> None:
 
 def python_docs_dir() -> Path:
     """The `builtin:python-docs` corpus, built once per Python version and cached."""
-    from smoltrain.atomic import publish_folder, staging_path
-    from smoltrain.model_io import cache_dir
+    from smoltrain.atomic import cache_dir, publish_folder, staging_path
 
     version = f"{sys.implementation.name}-{platform.python_version()}"
     final = cache_dir() / "corpora" / f"python-docs-{version}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from smoltrain.atomic import publish_folder, staging_path, write_atomic
+from smoltrain.atomic import cache_dir, publish_folder, staging_path, write_atomic
 from smoltrain.config import ModelConfig
 from smoltrain.hf import hf_state_dict, load_hf_state_dict
 from smoltrain.model import CustomLLM
@@ -24,12 +23,6 @@ from smoltrain.model import CustomLLM
 BUNDLED_NAME = "smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF weights and tokenizers are kept ($SMOLTRAIN_CACHE)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "smoltrain"
-    return Path(os.environ.get("SMOLTRAIN_CACHE") or default).expanduser()
 
 
 def cached_conversion(kind: str, path: Path) -> Path:

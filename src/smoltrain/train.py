@@ -45,7 +45,7 @@ from smoltrain.checkpoint import (
 )
 from smoltrain.config import ModelConfig
 from smoltrain.data import build_loader, resolve_rank_split
-from smoltrain.device import cuda_training_settings, peak_flops, pick_device
+from smoltrain.device import choose_precision, cuda_training_settings, format_flops, peak_flops, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import (
@@ -280,21 +280,6 @@ def setup_accelerator(cfg: TrainConfig):
     )
 
 
-def pick_precision(precision: str, device_type: str) -> str:
-    """bf16 on CUDA when supported (else fp16 with loss scaling), fp32 on MPS always (as the
-    reference), bf16 or fp16 autocast on CPU on request."""
-    if precision == "auto":
-        precision = (
-            ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
-        )
-    if device_type == "mps" and precision != "fp32":
-        print(f"note: {precision} is off on MPS (as in the reference); training in fp32", file=sys.stderr)
-        precision = "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise TrainingError(f"train.precision '{precision}' is unknown; use auto, fp32, bf16 or fp16")
-    return precision
-
-
 def agree_on_config(cfg: TrainConfig, accelerator) -> TrainConfig:
     """Every rank trains with rank 0's config (on a resume, only rank 0 may hold the
     checkpoint it comes from); each keeps its own output folder, a local path on nodes that
@@ -432,6 +417,7 @@ class Run:
     out: Path
     accelerator: Any
     precision: str
+    precision_reason: str  # why this precision: auto's measurement, or the config
     model: torch.nn.Module  # wrapped for DDP, or sharded (FSDP2)
     raw_model: CustomLLM
     forward: Callable  # the model, compiled when train.compile
@@ -502,7 +488,10 @@ def setup_run(
         "micro_batch" if uses_plan(cfg.data) else resolve_rank_split(cfg.data.rank_split, device.type, world)
     )
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rank_split=split))
-    precision = pick_precision(t.precision, device.type)
+    choice = choose_precision(t.precision, device.type)
+    precision = choice.precision
+    if choice.warning and accelerator.is_main_process:
+        print(f"warning: {choice.warning}", file=sys.stderr)
     set_seed(t.seed)
     process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc) + cuda_training_settings(
         device.type, t.tf32
@@ -575,6 +564,7 @@ def setup_run(
         out=out,
         accelerator=accelerator,
         precision=precision,
+        precision_reason=choice.reason,
         model=model,
         raw_model=raw_model,
         forward=torch.compile(model) if t.compile and not fsdp else model,  # FSDP: per layer
@@ -620,10 +610,11 @@ def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
         f"process(es) x {cfg.data.context_length} tokens = {run.tokens_per_step:,} tokens/step",
         "steps": f"{run.state.step} -> {run.end_step} (schedule: {cfg.schedule.kind}, "
         f"{cfg.schedule.max_steps} steps, peak lr {cfg.optim.lr:g})",
-        "device": f"{acc.device} ({acc.distributed_type.value}), precision {run.precision}",
+        "device": f"{acc.device} ({acc.distributed_type.value}), precision {run.precision} "
+        f"({run.precision_reason})",
         "kernels": "; ".join(f"{k} ({KERNELS[k][2]})" for k in kernels) or "none (the plain model)",
         "process": "; ".join(process_tweaks) or "as started",
-        "mfu": f"against {run.peak_flops / 1e12:,.1f} TFLOP/s per process ({run.peak_source})",
+        "mfu": f"against {format_flops(run.peak_flops)} per process ({run.peak_source})",
         "data": f"{describe_data(cfg.data)} ({cfg.data.mode}), tokenizer {cfg.tokenizer}",
         "output": cfg.output_dir,
     }

@@ -13,6 +13,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from smoltrain.config import ModelConfig, get_preset
 from smoltrain.data import DataConfig
+from smoltrain.kernels import choose_kernels
 
 
 @dataclass
@@ -56,13 +57,13 @@ class TrainLoopConfig:
     micro_batch_size: int = 4  # sequences per forward pass per process
     grad_accum_steps: int = 8  # micro-batches per optimizer step
     global_batch_size: int | None = None  # if set, grad_accum_steps = global / (micro * processes)
-    precision: str = (
-        "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on CUDA (fp16 if unsupported), fp32 elsewhere
-    )
+    # auto | fp32 | bf16 | fp16; auto: bf16 on CUDA (fp16 without bf16), fp32 on MPS, and on
+    # CPU bf16 only where its bf16 matmuls measure fast (smoltrain env shows the choice)
+    precision: str = "auto"
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
     seed: int = 42
     compile: bool = False  # torch.compile the model
-    kernels: str = "auto"  # auto: the kernels measured to pay on this device (smoltrain.kernels) | off
+    kernels: str = "auto"  # auto: those measured to pay on this device | off | a list: chunked_loss,mlp
     tune_malloc: bool = True  # CPU under glibc: keep freed memory, tcache off (docs/performance.md)
     fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2)
     gradient_checkpointing: bool = False
@@ -207,7 +208,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.kind": ("linear", "cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cuda", "mps", "cpu"),
-    "train.kernels": ("auto", "off"),
 }
 AT_LEAST_ONE = (
     "train.micro_batch_size",
@@ -268,6 +268,10 @@ def check_config(cfg: TrainConfig) -> None:
     problems += [
         f"{k} must be in [0, 1], got {_get(cfg, k)}" for k in FRACTIONS if not 0 <= _get(cfg, k) <= 1
     ]
+    try:
+        choose_kernels("cpu", "fp32", cfg.train.kernels)
+    except ValueError as e:
+        problems.append(str(e))
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
         problems.append(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
     if cfg.eval.limit is not None and not cfg.eval.limit > 0:

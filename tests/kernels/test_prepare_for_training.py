@@ -27,8 +27,12 @@ def test_kernels_off_is_the_plain_model_and_auto_keeps_its_parameters():
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied
     assert choose_kernels("cpu", "fp32") == AUTO[("cpu", "fp32")] and "attention" not in AUTO[("cpu", "fp32")]
     assert choose_kernels("mps", "fp32") == ("chunked_loss", "mlp")
-    with pytest.raises(ValueError, match="auto or off"):
+    with pytest.raises(ValueError, match="use auto, off or a comma-separated list"):
         choose_kernels("cpu", "fp32", "on")
+    assert choose_kernels("cpu", "fp32", "mlp, rms_norm") == ("mlp", "rms_norm")  # one kernel at a time
+    assert active_kernels(prepare_for_training(CustomLLM(micro_config()), "cpu", "fp32", "rms_norm")) == [
+        "rms_norm"
+    ]
 
 
 def test_a_model_with_kernels_saves_as_the_plain_one(tmp_path):
