@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -481,3 +482,27 @@ def test_one_host_sync_per_step_at_most(tmp_path, monkeypatch):
         counts.append(syncs.count)
     run.metrics.close()
     assert counts[1] - counts[0] <= 3, counts
+
+
+def test_max_minutes_fits_the_schedule_to_the_time_and_resume_keeps_it(tmp_path):
+    """schedule.max_minutes: after the first steps the run fixes max_steps to what fits (the
+    cap stays max_steps), finishes that schedule (final/, the decay done), and its
+    checkpoints hold the fitted length with no budget, so a resume continues that schedule."""
+    from smoltrain.checkpoint import checkpoint_config, resolve_checkpoint_dir
+    from smoltrain.train import train
+
+    cfg = small_run_config(
+        tmp_path, "schedule.max_steps=100000", "schedule.max_minutes=0.1", "log.checkpoint_every=10"
+    )
+    summary = train(cfg)
+    fitted = next(r for r in metric_rows(tmp_path / "py") if "fitted_max_steps" in r)
+    assert fitted["step"] == 4 and 4 < fitted["fitted_max_steps"] < 100000
+    assert summary["step"] == fitted["fitted_max_steps"] and summary["final"]
+    saved = checkpoint_config(resolve_checkpoint_dir(tmp_path / "py"))
+    assert saved["schedule"]["max_steps"] == summary["step"] and saved["schedule"]["max_minutes"] is None
+    assert cfg.schedule.max_minutes == 0.1 and cfg.schedule.max_steps == 100000  # the caller's: unchanged
+    capped = small_run_config(tmp_path, "schedule.max_steps=6", "schedule.max_minutes=60")
+    capped = dataclasses.replace(capped, output_dir=str(tmp_path / "cap"))
+    assert train(capped)["step"] == 6
+    with pytest.raises(ValueError, match="schedule.max_minutes must be above 0"):
+        small_run_config(tmp_path, "schedule.max_minutes=0")

@@ -45,7 +45,14 @@ from smoltrain.checkpoint import (
 )
 from smoltrain.config import ModelConfig
 from smoltrain.data import build_loader, resolve_rank_split
-from smoltrain.device import choose_precision, cuda_training_settings, format_flops, peak_flops, pick_device
+from smoltrain.device import (
+    choose_precision,
+    cpu_matmul_speeds,
+    cuda_training_settings,
+    format_flops,
+    peak_flops,
+    pick_device,
+)
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.metrics import (
@@ -447,6 +454,9 @@ class Run:
     start_eval_loss: float | None = None  # log.eval_at_start's, before the first step
     branch_of: Path | None = None  # a cooldown branch's source run folder
     segment_start: float = field(default_factory=time.perf_counter)  # training time counted from
+    started: float = field(default_factory=time.perf_counter)  # set-up's start: max_minutes counts from it
+    first_step_done: float | None = None  # when this process's first step ended (the time probe)
+    start_eval_s: float = 0.0  # log.eval_at_start's duration
 
     @property
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -473,6 +483,7 @@ def setup_run(
 
     from smoltrain.tokenizer import load_tokenizer
 
+    started = time.perf_counter()
     out = prepare_output_dir(cfg, phase, overwrite)
     accelerator = setup_accelerator(cfg)
     # one run per folder: rank 0 holds the lock (a second launch into it is refused)
@@ -492,6 +503,15 @@ def setup_run(
     precision = choice.precision
     if choice.warning and accelerator.is_main_process:
         print(f"warning: {choice.warning}", file=sys.stderr)
+    if cfg.optim.name == "muon" and device.type == "cpu":
+        speeds = cpu_matmul_speeds()
+        if speeds["bf16"] < speeds["fp32"] and accelerator.is_main_process:
+            print(
+                "warning: optim.name=muon: torch.optim.Muon orthogonalizes its updates in bf16, which this "
+                f"CPU runs {speeds['fp32'] / speeds['bf16']:,.0f}x slower than fp32: a Muon step can cost "
+                "several AdamW steps here (the quickstart's: 4x); AdamW (optim.name=adamw) is faster here",
+                file=sys.stderr,
+            )
     set_seed(t.seed)
     process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc) + cuda_training_settings(
         device.type, t.tf32
@@ -591,6 +611,7 @@ def setup_run(
             dynamic_ncols=True,
         ),
         start_step=state.step,
+        started=started,
         scaler=scaler,
         lock=lock,
     )
@@ -877,6 +898,45 @@ def sample_and_log(run: Run) -> None:
         run.bar.write(f"step {run.state.step} sample: {text!r}")
 
 
+# schedule.max_minutes: the steps timed before the schedule's length is fixed (the first,
+# which warms up allocators and caches, is left out)
+BUDGET_PROBE_STEPS = 4
+
+
+def fit_schedule_to_time(run: Run) -> None:
+    """schedule.max_minutes: from the speed of steps 2..BUDGET_PROBE_STEPS, fix max_steps to
+    the most steps that end within the budget, the final eval included (rank 0 decides for
+    all). Only what follows the warmup depends on max_steps, so with warmup past this step
+    the run is the one a plain max_steps of that length would give. The run's config copy
+    holds the result (and no budget), so a resume continues the same schedule."""
+    cfg, step = run.cfg, run.state.step
+    now = time.perf_counter()
+    step_s = (now - run.first_step_done) / (step - run.start_step - 1)
+    if run.start_eval_s:
+        eval_s = run.start_eval_s
+    else:  # forward only: about a third of a training step's work per token
+        eval_tokens = cfg.log.eval_batches * cfg.train.micro_batch_size * cfg.data.context_length
+        eval_s = eval_tokens / (run.tokens_per_step / run.accelerator.num_processes) * step_s / 3
+    left = cfg.schedule.max_minutes * 60 - (now - run.started) - eval_s
+    fitted = [min(cfg.schedule.max_steps, max(step + 1, step + int(left / step_s)))]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(fitted)
+    schedule = dataclasses.replace(cfg.schedule, max_steps=fitted[0], max_minutes=None)
+    run.cfg = dataclasses.replace(cfg, schedule=schedule)
+    if run.end_step == cfg.schedule.max_steps:
+        run.end_step = fitted[0]
+    run.bar.total = run.end_step
+    run.bar.refresh()
+    run.metrics.write(step, fitted_max_steps=fitted[0], step_s=step_s)
+    if run.accelerator.is_main_process:
+        run.bar.write(
+            f"schedule.max_minutes {cfg.schedule.max_minutes:g}: {fitted[0]:,} steps of {step_s:.2f}s fit "
+            f"(max_steps {cfg.schedule.max_steps:,})"
+        )
+
+
 def checkpoint_now(run: Run) -> Path:
     now = time.perf_counter()
     run.state.elapsed += now - run.segment_start
@@ -905,6 +965,11 @@ def run_periodic_jobs(run: Run, result: StepResult, stopping: bool = False) -> N
         compile_s = time.perf_counter() - run.segment_start  # the first step compiles the model
         run.metrics.write(step, compile_s=compile_s)
         run.bar.write(f"torch.compile: the first step took {compile_s:.1f}s, compilation included")
+    if step == run.start_step + 1:
+        run.first_step_done = time.perf_counter()
+    elif cfg.schedule.max_minutes and run.first_step_done and step >= run.start_step + BUDGET_PROBE_STEPS:
+        fit_schedule_to_time(run)  # once: the run's config holds no budget after it
+        cfg = run.cfg
     if _due(run, run.log_every):
         log_progress(run, result)
     stage_steps = getattr(run.loader, "stage_steps", [])
@@ -984,6 +1049,7 @@ def train(
     if cfg.log.eval_at_start and run.state.step == 0:
         evaluate_and_log(run)
         run.start_eval_loss = run.last["eval_loss"]
+        run.start_eval_s = time.perf_counter() - run.segment_start
     stopping = False
     with StopRequested() as stop:
         while run.state.step < run.end_step:

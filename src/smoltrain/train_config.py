@@ -46,6 +46,9 @@ class ScheduleConfig:
     kind: str = "linear"  # linear | cosine | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 500  # linear warmup from 0 to lr
     max_steps: int = 5000  # optimizer steps in the schedule; the run ends here
+    # fit the run to this wall time: after its first steps, max_steps becomes the most steps
+    # that fit, evals included (max_steps stays the cap); the demo's legs use it
+    max_minutes: float | None = None
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
     decay_start: int | None = None  # wsd: the step after which the decay begins (a cooldown branch's)
@@ -283,6 +286,8 @@ def check_config(cfg: TrainConfig) -> None:
             problems.append(
                 f"export.gguf '{cfg.export.gguf}' is unknown; use {', '.join(GGUF_DTYPES)} (or null: no GGUF)"
             )
+    if cfg.schedule.max_minutes is not None and not cfg.schedule.max_minutes > 0:
+        problems.append(f"schedule.max_minutes must be above 0 (or unset), got {cfg.schedule.max_minutes}")
     if cfg.train.peak_flops is not None and not cfg.train.peak_flops > 0:
         problems.append(f"train.peak_flops must be above 0 (or unset), got {cfg.train.peak_flops}")
     if problems:
