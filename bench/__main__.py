@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from smoltrain.config import get_preset
-from smoltrain.device import measure_peak_flops
+from smoltrain.device import choose_precision, cpu_info, measure_peak_flops, native_flags
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -61,16 +61,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks every path runs")
     parser.add_argument("--rounds", type=int, default=None, help="alternations per measurement")
     parser.add_argument("--out", type=Path, default=None, help="markdown report (default bench/RESULTS.md)")
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated, of fp32,bf16 (default: fp32, and bf16 where this CPU runs it fast)",
+    )
     args = parser.parse_args()
     quick = args.quick
     rounds = args.rounds or 1
     out = args.out or (None if quick else HERE / "RESULTS.md")
 
+    # bf16 only where `precision: auto` would train in it: on a CPU that emulates bf16 a
+    # 135M step takes minutes and says nothing a user of that CPU would run
+    auto = choose_precision("auto", "cpu")
+    precisions = (
+        args.precisions.split(",") if args.precisions else ["fp32", *(["bf16"] * (auto.precision == "bf16"))]
+    )
     n = 512 if quick else 2048
-    peaks = {dtype: measure_peak_flops("cpu", getattr(torch, name), n) for dtype, name in PRECISIONS.items()}
+    peaks = {p: measure_peak_flops("cpu", getattr(torch, PRECISIONS[p]), n) for p in precisions}
     bandwidth_mb = 64 if quick else 512
+    machine = describe_cpu()
+    print(f"{machine}; precision auto: {auto.precision} ({auto.reason})", flush=True)
     print(
-        f"matmul peak ({n}^3): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s",
+        f"matmul peak ({n}^3): " + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in peaks.items()),
         flush=True,
     )
 
@@ -81,11 +94,12 @@ def main() -> None:
         train_cases = [(*tiny, False), (*tiny, True)]
     else:
         tiny, smol = ("tiny", 8, 256, "{}"), ("smollm2-135m", 4, 256, "{}")
-        train_cases = [(*tiny, False), (*smol, False), (*tiny, True)]
+        long = ("smollm2-135m", 1, 2048, "{}")
+        train_cases = [(*tiny, False), (*smol, False), (*long, False), (*tiny, True)]
     for preset, batch, context, overrides, compiled in train_cases:
         config = get_preset(preset, **json.loads(overrides))
         flops_per_token = config.flops_per_token(context)
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             if quick and compiled and precision == "bf16":
                 continue
             steps = "2" if quick else "5"
@@ -145,7 +159,7 @@ def main() -> None:
 
     rows_gen = []
     new_tokens = "8" if quick else "128"
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for batch in (1, 8):
             if quick and (batch == 8 or precision == "bf16"):
                 continue
@@ -202,22 +216,36 @@ def main() -> None:
                 )
 
     if out is not None:
-        write_report(out, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds, quick)
+        write_report(out, machine, auto, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds, quick)
         print(f"wrote {out}")
 
 
-def write_report(out: Path, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds, quick) -> None:
+def describe_cpu() -> str:
+    """The CPU as every figure should name it: model, widest vector kernels, native bf16."""
+    info = cpu_info()
+    wide = [f for f in info.flags if f.startswith(("avx512f", "amx", "avx2")) or f == "avx512_bf16"]
+    bf16 = " ".join(native_flags(info, "bf16")) or "none"
+    return (
+        f"CPU: {info.model}, {info.threads} threads, torch kernels {info.capability}, "
+        f"flags {' '.join(wide) or 'n/a'}, native bf16: {bf16}"
+    )
+
+
+def write_report(
+    out: Path, machine: str, auto, peaks, bandwidth_mb, n, rows_train, rows_gen, rounds, quick
+) -> None:
+    peak_text = ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in peaks.items())
     lines = [
         "# smoltrain vs transformers",
         "",
-        f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, "
-        f"{torch.get_num_threads()} threads, {platform.platform()}",
+        f"- {machine}; `precision: auto` here: {auto.precision} ({auto.reason})",
+        f"- date: {datetime.date.today().isoformat()}; {platform.machine()}, {platform.platform()}",
         f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"python {platform.python_version()}; `python -m bench` ({rounds} alternation(s) per row)",
-        f"- matmul peak ({n}^3 torch.mm) at the start: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (training MFU uses the peak each worker measures "
-        f"right after its timed steps, shown per row); memory read bandwidth: summing a {bandwidth_mb} MiB "
-        "tensor in each generation run, right before each timed repeat (it moves with the neighbours)",
+        f"- matmul peak ({n}^3 torch.mm) at the start: {peak_text} (training MFU uses the peak "
+        "each worker measures right after its timed steps, shown per row); memory read bandwidth: "
+        f"summing a {bandwidth_mb} MiB tensor in each generation run, right before each timed repeat "
+        "(it moves with the neighbours)",
         "",
         "## Training (AdamW step, identical weights and batch; median of "
         + ("2 steps after 1 warm-up, --quick)" if quick else "5 steps after 2 warm-up)"),

@@ -59,7 +59,7 @@ def build_pair_model(impl: str, preset: str, device: str, overrides: dict):
 
 
 def train(args) -> dict:
-    if args.impl == "ours":
+    if args.impl == "ours" and args.tune_malloc == "on":
         keep_freed_memory()
     overrides = json.loads(args.overrides)
     model = build_pair_model(args.impl, args.preset, args.device, overrides).train()
@@ -182,10 +182,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--kernels", default="auto", help="ours: train.kernels (auto, off, or names)")
+    parser.add_argument("--tune-malloc", choices=["on", "off"], default="on", help="ours: train.tune_malloc")
     parser.add_argument("--peak-n", type=int, default=2048, help="size of the matmul that measures the peak")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe")
     args = parser.parse_args()
-    if args.impl == "ours":
+    if args.impl == "ours" and args.tune_malloc == "on":
         relaunch_with_lean_malloc()  # as the `smoltrain train` command does
     result = train(args) if args.kind == "train" else generate(args)
     print(json.dumps(result))

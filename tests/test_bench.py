@@ -19,13 +19,16 @@ def run_bench(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_bench_quick_runs_every_path(tmp_path):
     out = tmp_path / "RESULTS.md"
     result = run_bench("bench", "--quick", "--out", str(out))
-    assert "train tiny fp32: ours" in result.stdout and "train tiny bf16: ours" in result.stdout
+    machine = result.stdout.splitlines()[0]
+    assert machine.startswith("CPU: ") and "native bf16: " in machine and "precision auto: " in machine
+    bf16 = "precision auto: bf16" in machine  # bf16 rows only where this CPU runs bf16 fast
+    assert "train tiny fp32: ours" in result.stdout and ("train tiny bf16: ours" in result.stdout) == bf16
     assert "train tiny compiled fp32: ours" in result.stdout
     generation = [line for line in result.stdout.splitlines() if line.startswith("generate fp32 batch 1")]
     assert len(generation) == 2 and "batch 1 compiled: ours" in generation[1]
     assert all(line.endswith("same tokens: True") for line in generation)
     report = out.read_text()
-    assert "| tiny | bf16 |" in report and "torch " in report
+    assert ("| tiny | bf16 |" in report) == bf16 and "torch " in report and "- CPU: " in report
     assert "{" not in report  # every placeholder filled in
 
 

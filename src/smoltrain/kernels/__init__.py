@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from smoltrain.kernels.chunked_loss import ChunkedLossHead
@@ -34,12 +35,16 @@ KERNELS: dict[str, tuple[type[nn.Module], type[nn.Module], str]] = {
     "document_mask": (CustomLLM, FlexMaskLLM, "document masks as FlexAttention block masks (CUDA)"),
 }
 
-# What `auto` swaps in, by device and precision. On CPU each was measured to pay (python -m
-# bench, docs/performance.md); the joined projections act only under autocast, the CPU
-# attention only in bf16. On CUDA and MPS: the kernels with no device-specific code, as the
-# model ran them before they moved here; bench/gpu.sh times auto against off on a GPU.
-AUTO: dict[tuple[str, str], tuple[str, ...]] = {
+# What `auto` swaps in, by device and precision, and on CPU also by the widest vector kernels
+# torch runs there (a three-part key wins over the two-part one). On CPU each was measured to
+# pay on that class (python -m bench.worker --kernels NAMES, docs/performance.md): on AVX2
+# (fp32, 135M, 4 x 256) every one of the three pays, the fused RMSNorm +8%; on AVX-512 it
+# cost 4% for its 120 MB, so it is off there. The joined projections act only under autocast,
+# the CPU attention only in bf16 (picked only where bf16 matmuls are native). On CUDA and MPS:
+# the kernels with no device-specific code; bench/gpu.sh times auto against off on a GPU.
+AUTO: dict[tuple[str, ...], tuple[str, ...]] = {
     ("cpu", "fp32"): ("chunked_loss", "mlp", "rms_norm"),
+    ("cpu", "fp32", "AVX512"): ("chunked_loss", "mlp"),
     ("cpu", "bf16"): ("chunked_loss", "mlp", "attention", "rms_norm"),
     # fp16 on CPU is slow (no fp16 matmul units) and is here to prove CUDA's fp16 path: its set
     ("cpu", "fp16"): ("chunked_loss", "mlp", "attention"),
@@ -65,7 +70,8 @@ def choose_kernels(device_type: str, precision: str, kernels: str = "auto") -> t
     if kernels == "off":
         return ()
     if kernels == "auto":
-        return AUTO.get((device_type, precision), ())
+        vector = torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else ""
+        return AUTO.get((device_type, precision, vector), AUTO.get((device_type, precision), ()))
     names = tuple(n.strip() for n in kernels.split(",") if n.strip())
     unknown = [n for n in names if n not in KERNELS]
     if unknown or not names:
