@@ -195,3 +195,39 @@ def test_a_typo_in_eval_tasks_stops_the_run_before_training(tmp_path, tasks_dir)
     missing = f"eval.include_path={tmp_path / 'no-such-folder'}"
     run = smoltrain(*benchmark_args(tmp_path, "typo", tasks_dir, missing, "--overwrite"), check=False)
     assert run.returncode == 1 and "is not a folder of lm-eval task YAMLs" in run.stderr
+
+
+def test_loglikelihood_scores_on_the_device_and_copies_two_numbers_a_request(micro_model, smollm2_tokenizer):
+    """Log-probs and greedy flags are gathered where the logits are; the host reads them once
+    a batch (`tolist`), not a scalar per request nor the (B, keep, vocab) fp32 tensor (on a
+    GPU each `.item()` is a sync, the tensor a copy of megabytes)."""
+    import random
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountScalarReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    rng = random.Random(0)
+    requests = [
+        (("ctx", "cont"), [rng.randrange(256) for _ in range(rng.randint(3, 12))], [rng.randrange(256)] * k)
+        for k in (1, 1, 2, 3, 1, 4)
+    ]
+    lm = SmolLM(micro_model, smollm2_tokenizer, batch_size=4)
+    want = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    with CountScalarReads():
+        got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert CountScalarReads.reads == 0
+    assert got == want and len(got) == len(requests)
+    for (_, ctx, cont), (logprob, greedy) in zip(requests, got, strict=True):
+        logits = micro_model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()
+        assert abs(logprob - float(expected)) < 1e-4 and greedy == bool(
+            (logits.argmax(-1) == torch.tensor(cont)).all()
+        )

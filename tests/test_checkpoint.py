@@ -70,3 +70,28 @@ def test_a_broken_checkpoint_names_its_file_and_the_newest_older_one(tmp_path):
     stray.mkdir()
     with pytest.raises(TrainingError, match="is not a checkpoint"):
         resolve_checkpoint_dir(str(stray))
+
+
+def test_cuda_rng_is_this_devices_so_a_run_resumes_on_fewer_gpus(monkeypatch):
+    """Each rank saves its own device's CUDA generator, not every visible one's: restoring
+    all of an 8-GPU rank's states (set_rng_state_all) failed where 4 GPUs were visible. A file
+    saved the old way restores this rank's entry. Fake CUDA: 4 devices, this rank on cuda:2."""
+    from smoltrain import checkpoint
+
+    states = {d: torch.full((16,), d, dtype=torch.uint8) for d in range(4)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[2])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+
+    def refuse_all(states_of_all):
+        raise RuntimeError("set_rng_state_all: more states than visible devices")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse_all)
+    saved = checkpoint.rng_state()
+    assert torch.equal(saved["cuda"], states[2])  # one tensor: this device's
+    checkpoint.set_rng_state(saved)
+    old_format = {**saved, "cuda": [torch.full((16,), d, dtype=torch.uint8) for d in range(8)]}
+    checkpoint.set_rng_state(old_format)  # an 8-GPU run's file, resumed where 4 are visible
+    assert [int(s[0]) for s in restored] == [2, 2]

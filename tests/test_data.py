@@ -347,3 +347,28 @@ def test_rank_split_auto_is_per_device():
     assert resolve_rank_split("auto", "cuda", 1) == "micro_batch"
     assert resolve_rank_split("auto", "cpu", 2) == "micro_batch"  # the same run for any count
     assert resolve_rank_split("micro_batch", "cuda", 8) == "micro_batch"
+
+
+@pytest.mark.parametrize("files", [8, 1])
+def test_dataloader_workers_and_ranks_read_every_document_exactly_once(tmp_path, smollm2_tokenizer, files):
+    """One epoch through DataLoader workers covers every training document once, by content.
+    datasets split a stream among the workers a second time, inside each worker: 2 workers
+    read half the documents, 4 a quarter, and with one file the other workers nothing."""
+    from collections import Counter
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    docs = make_docs(200)
+    for f in range(files):
+        write_jsonl(tmp_path / f"part-{f}.jsonl", docs[f::files])
+    cfg = DataConfig(
+        source=str(tmp_path / "*.jsonl"), context_length=512, mode="pad", shuffle_buffer=0, eval_every=NEVER
+    )
+    open_fn = lambda: open_source(cfg.source, cfg.text_column)  # noqa: E731
+    for world, workers in ((1, 0), (1, 2), (1, 4), (2, 2)):
+        seen = Counter()
+        for rank in range(world):
+            stream = TokenStream(open_fn, smollm2_tokenizer, cfg, "train", rank, world, infinite=False)
+            for row in StatefulDataLoader(stream, batch_size=None, num_workers=workers):
+                seen[smollm2_tokenizer.decode(row["input_ids"][:-1])] += 1
+        assert seen == Counter(docs), (world, workers, len(seen), sum(seen.values()))

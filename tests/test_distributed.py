@@ -134,11 +134,12 @@ main(["train", *args])
 def test_checkpoints_without_a_shared_filesystem(tmp_path):
     """Two ranks whose output folders are different local paths: rank 0 writes the whole
     checkpoint, the other rank's RNG state included, rank 1 writes none (it wrote into a
-    folder only rank 0 had made, and failed), and the resume reads it on rank 0 alone."""
+    folder only rank 0 had made, and failed), and the resume reads it on rank 0 alone; so
+    does a cooldown branch (rank 1 raised a TypeError: no checkpoint, no config)."""
     script = tmp_path / "local.py"
     script.write_text(LOCAL_FOLDERS)
-    assert launch(1, *run_args(tmp_path, "straight")).returncode == 0
-    args = run_args(tmp_path, "NODE", "--stop-at-step", "5")
+    assert launch(1, *run_args(tmp_path, "straight", "schedule.kind=wsd")).returncode == 0
+    args = run_args(tmp_path, "NODE", "--stop-at-step", "5", "schedule.kind=wsd")
     started = launch(2, *args, script=str(script))
     assert started.returncode == 0, started.stderr[-3000:]
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
@@ -149,6 +150,10 @@ def test_checkpoints_without_a_shared_filesystem(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(losses(tmp_path / "straight"), losses(node0), range(1, 11))
     assert (node0 / "final/model.safetensors").is_file()
+    step5 = tmp_path / "NODE/checkpoints/step-5"
+    branch = launch(2, "--phase", "cooldown", "--checkpoint", str(step5), "--steps", "2", script=str(script))
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    assert list(losses(tmp_path / "node0-cooldown-step5-2")) == [6, 7]
 
 
 SHARDED_PROBE = """
@@ -175,11 +180,14 @@ with open(os.environ["PROBE_OUT"] + os.environ["RANK"], "w") as f:
 def test_fsdp_builds_on_meta_and_computes_in_bf16(tmp_path, monkeypatch):
     """Rank 1 never holds the whole model (built on the meta device; its shards come from
     rank 0), and under bf16 the gathered weights are bf16 (MixedPrecisionPolicy) rather
-    than fp32 weights cast by autocast in every matmul."""
+    than fp32 weights cast by autocast in every matmul. A sample right after a step (no
+    eval before it) decodes with bf16 keys in its cache (an fp32 cache made SDPA refuse)."""
     script = tmp_path / "probe.py"
     script.write_text(SHARDED_PROBE)
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe-"))
-    args = run_args(tmp_path, "bf16", "train.fsdp=true", "train.precision=bf16", "--max-steps", "3")
+    args = run_args(
+        tmp_path, "bf16", "train.fsdp=true", "train.precision=bf16", "--max-steps", "3", "log.sample_every=2"
+    )
     result = launch(2, *args, script=str(script))
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"probe-{r}").read_text()) for r in (0, 1))
@@ -187,6 +195,7 @@ def test_fsdp_builds_on_meta_and_computes_in_bf16(tmp_path, monkeypatch):
     assert rank0["built_on"][:2] == ["cpu", "meta"] and rank1["built_on"] == ["meta"]
     assert rank0["matmul_weight_dtypes"] == rank1["matmul_weight_dtypes"] == ["torch.bfloat16"]
     assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
+    assert [r["step"] for r in metric_rows(tmp_path / "bf16") if "sample" in r] == [2, 3]
 
 
 def rank_pids(tag: str) -> dict[int, int]:

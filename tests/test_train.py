@@ -506,3 +506,24 @@ def test_max_minutes_fits_the_schedule_to_the_time_and_resume_keeps_it(tmp_path)
     assert train(capped)["step"] == 6
     with pytest.raises(ValueError, match="schedule.max_minutes must be above 0"):
         small_run_config(tmp_path, "schedule.max_minutes=0")
+
+
+def test_the_held_out_set_is_read_once_per_run(tmp_path, monkeypatch):
+    """Every eval re-read the source to find its held-out documents (a hub stream: ~190k
+    documents for 1 in 200 held out); now the first eval keeps its batches for the rest."""
+    from smoltrain import train as train_module
+
+    opened = []
+    real = train_module.build_loader
+    monkeypatch.setattr(
+        train_module,
+        "build_loader",
+        lambda cfg, tok, bs, split="train", *a, **k: (
+            opened.append(split) or real(cfg, tok, bs, split, *a, **k)
+        ),
+    )
+    cfg = small_run_config(tmp_path, "schedule.max_steps=6", "log.eval_every=2")
+    train_module.train(cfg)
+    evals = [r["eval_loss"] for r in metric_rows(tmp_path / "py") if "eval_loss" in r]
+    # one read by the start-up data check, one for all three evals (before: one per eval)
+    assert len(evals) == 3 and opened.count("eval") == 2, opened

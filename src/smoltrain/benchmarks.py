@@ -160,7 +160,9 @@ class SmolLM(TemplateLM):
                 ids[i, : len(row)] = torch.tensor(row)
             with self._amp():
                 logits = self.model(ids.to(self.device), logits_to_keep=keep).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+            # scored on the device: the host gets two numbers a request, not (B, keep, V) fp32
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            scores, cached = [], []
             for (request, ctx, cont), n, row_logprobs in zip(chunk, lengths, logprobs, strict=True):
                 start = n - len(cont) - (padded - keep)
                 scored = row_logprobs[start : start + len(cont)][None]  # (1, cont, V)
@@ -168,13 +170,18 @@ class SmolLM(TemplateLM):
                 for req, cont_toks, lp in order.get_cache(
                     req_str=request, cxt_toks=ctx, cont_toks=cont, logits=scored
                 ):
-                    target = torch.tensor(cont_toks, dtype=torch.long)[None]
-                    is_greedy = bool((greedy[:, -target.shape[1] :] == target).all())
-                    answer = (float(torch.gather(lp, 2, target[..., None]).sum()), is_greedy)
-                    results.append(answer)
-                    if req is not None:
-                        self.cache_hook.add_partial("loglikelihood", req, answer)
-                    bar.update(1)
+                    target = torch.tensor(cont_toks, dtype=torch.long, device=lp.device)[None]
+                    is_greedy = (greedy[:, -target.shape[1] :] == target).all()
+                    scores.append(
+                        torch.stack([torch.gather(lp, 2, target[..., None]).sum(), is_greedy.float()])
+                    )
+                    cached.append(req)
+            for req, (logprob, is_greedy) in zip(cached, torch.stack(scores).tolist(), strict=True):
+                answer = (logprob, bool(is_greedy))
+                results.append(answer)
+                if req is not None:
+                    self.cache_hook.add_partial("loglikelihood", req, answer)
+                bar.update(1)
         bar.close()
         return order.get_original(results)
 

@@ -51,9 +51,11 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict:
+    """This process's random states. On CUDA only its own device's: each rank saves its own
+    file, and a run resumed on fewer GPUs than it was saved from sees fewer devices."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -62,7 +64,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved before 2026-12-03: every visible device's
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(

@@ -365,7 +365,10 @@ class TokenStream(IterableDataset):
             rng = random.Random(cfg.seed + st["epoch"])
             if st["rng"] is not None:
                 rng.setstate(_tuplify(st["rng"]))
-            source, exhausted = iter(ds), False
+            # `iter(batch_size=)`, not `iter(ds)`: inside a DataLoader worker a datasets stream
+            # splits its shards among the workers again, on top of `_open_part`'s split (a
+            # worker then read 1/W of its part, or nothing from a one-file source)
+            source, exhausted = ds.iter(batch_size=cfg.tokenize_batch), False
             while True:
                 # 1. emit what is ready: full blocks (pack) or rows (pad)
                 while len(st["carry"]) >= cfg.context_length:
@@ -387,14 +390,9 @@ class TokenStream(IterableDataset):
                     continue
                 # 3. read and tokenize the next batch of documents
                 if not exhausted:
-                    texts = []
-                    for row in source:
-                        if self._keep(row["text"]):
-                            texts.append(row["text"])
-                        if len(texts) == cfg.tokenize_batch:
-                            break
-                    else:
-                        exhausted = True
+                    rows = next(source, None)
+                    exhausted = rows is None
+                    texts = [t for t in rows["text"] if self._keep(t)] if rows else []
                     if texts:
                         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
                         st["pending"] = [np.array(t + [eos], dtype=np.int32) for t in ids]

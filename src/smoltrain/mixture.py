@@ -100,6 +100,36 @@ class SamplePlan:
 # ------------------------------------------------------------------------------ sources
 
 
+def _mix(value: int, key: int) -> int:
+    """A 32-bit hash of `value` under `key` (murmur3's finalizer), for the Feistel rounds."""
+    x = (value ^ key) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+class SeededPermutation:
+    """A pseudo-random permutation of range(n) computed one index at a time, in O(1) memory:
+    a 4-round Feistel network over the smallest even number of bits that covers n, walking
+    the cycle until it lands inside range(n) (fewer than 4 rounds of it on average). An array
+    permutation of every block of FineWeb-Edu at context 2048 is ~860 MB per rank."""
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        bits = max(2, (n - 1).bit_length())
+        self.n, self.half = n, (bits + bits % 2) // 2
+        self.keys = [int(k) for k in np.random.default_rng([seed, epoch]).integers(0, 2**32, size=4)]
+
+    def __getitem__(self, i: int) -> int:
+        mask, x = (1 << self.half) - 1, i
+        while True:
+            left, right = x >> self.half, x & mask
+            for key in self.keys:
+                left, right = right, left ^ (_mix(right, key) & mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
+
+
 class ShardSamples:
     """Packed blocks of a prepared folder, sample k at once: epoch k // n, then the block at
     k % n of that epoch's seeded permutation (or in order, for eval and shuffle_buffer=0)."""
@@ -132,10 +162,9 @@ class ShardSamples:
         epoch, i = divmod(k, n)
         if not self.shuffle:
             return i
-        if epoch != self._epoch:  # one permutation per epoch, made when the epoch begins
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._order = epoch, rng.permutation(n)
-        return int(self._order[i])
+        if epoch != self._epoch:  # one permutation per epoch
+            self._epoch, self._order = epoch, SeededPermutation(n, self.seed, epoch)
+        return self._order[i]
 
     def get(self, k: int) -> dict[str, torch.Tensor] | None:
         b = self.block_index(k)

@@ -71,6 +71,12 @@ class KVCache:
             self.keys[layer].index_copy_(2, cache_position, k)
             self.values[layer].index_copy_(2, cache_position, v)
             return self.keys[layer], self.values[layer]
+        if self.length == 0 and self.keys[layer].dtype != k.dtype:
+            # the activations' dtype, not the weights': FSDP2 computes bf16 from fp32 shards
+            self.keys[layer], self.values[layer] = (
+                self.keys[layer].to(k.dtype),
+                self.values[layer].to(v.dtype),
+            )
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v

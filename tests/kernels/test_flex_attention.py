@@ -68,3 +68,24 @@ def test_document_masks_call_flex_attention_and_not_sdpa(monkeypatch):
     with torch.no_grad():
         model(input_ids, document_ids=document_ids, labels=input_ids, return_logits=False)
     assert calls == ["flex"] * model.config.num_hidden_layers
+
+
+def test_flex_attention_gets_one_dtype_under_autocast(monkeypatch):
+    """Under autocast rotary leaves q and k in fp32 beside a bf16 v; FlexAttention before
+    torch 2.10 refused the mix (SDPA casts them itself). The kernel casts q and k to v's."""
+    from torch.nn.attention import flex_attention as torch_flex
+
+    seen = []
+    real = torch_flex.flex_attention
+    monkeypatch.setattr(
+        torch_flex,
+        "flex_attention",
+        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or real(q, k, v, **kw),
+    )
+    _, document_ids = packed_batch(1, 32)
+    mask = flex.document_block_mask(document_ids)
+    q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
+    v = torch.randn(1, 2, 32, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = mask.attend(q, k, v, enable_gqa=True)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16

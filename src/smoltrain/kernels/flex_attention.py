@@ -39,6 +39,9 @@ class FlexMask:
         from torch.nn.attention.flex_attention import flex_attention
 
         run = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+        # one dtype for all three: under autocast rotary leaves q, k in fp32 beside a bf16 v,
+        # which FlexAttention refuses before torch 2.10 (SDPA casts them itself)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         return run(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
 
 
