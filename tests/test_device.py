@@ -132,3 +132,36 @@ def test_cpu_matmul_speeds_are_measured_once_per_machine_and_setting(tmp_path, m
 def test_cpu_matmul_measurement_is_short_and_plausible():
     flops = device_module.measure_cpu_matmul(torch.float32)
     assert 1e8 < flops < 1e14
+
+
+def test_inference_on_cuda_defaults_to_16_bit(monkeypatch):
+    """generate, eval and serve loaded fp32 weights on CUDA (a quarter of the tensor cores'
+    rate, no TF32 either); `--dtype auto` is bf16 there, fp16 without bf16, fp32 elsewhere."""
+    from smoltrain.cli import _dtype
+    from smoltrain.device import inference_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference_dtype("cuda") == _dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inference_dtype("cuda") == torch.float16
+    assert inference_dtype("cpu") == inference_dtype("mps") == _dtype("auto", "cpu") == torch.float32
+    assert _dtype("bf16", "cpu") == torch.bfloat16  # an explicit choice stands
+
+
+def test_process_group_timeout_and_mps_loss_chunks(tmp_path):
+    """Ranks wait in a collective while rank 0 writes a checkpoint (a 1.7B FSDP one is ~20 GB):
+    the process group's timeout is a setting (60 minutes by default). On an Apple GPU the
+    loss's logits chunks are sized for memory it shares with the system, not CUDA's 1 GiB."""
+    from smoltrain.kernels.chunked_loss import default_chunk_size
+    from smoltrain.train import setup_accelerator
+    from smoltrain.train_config import load_config
+
+    cfg = load_config(None, ["train.dist_timeout_minutes=90", "train.device=cpu", f"output_dir={tmp_path}"])
+    accelerator = setup_accelerator(cfg)
+    assert accelerator.init_handler is not None and accelerator.init_handler.timeout.total_seconds() == 5400
+    vocab = 49152
+    assert (
+        4 * vocab * default_chunk_size(vocab, "mps")
+        <= 256 << 20
+        < 4 * vocab * default_chunk_size(vocab, "cuda")
+    )

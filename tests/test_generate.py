@@ -199,3 +199,22 @@ def test_bad_generation_input(tiny_model):
         generate(tiny_model, torch.zeros(1, 3, dtype=torch.long), do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(tiny_model, torch.zeros(1, 3, dtype=torch.long), do_sample=True, top_p=1.5)
+
+
+def test_the_compiled_decode_path_reuses_one_cache_per_shape(micro_model):
+    """The decode step's KV cache is kept per (batch, capacity) and reused: CUDA graphs are
+    recorded on its buffers' addresses, so a fresh cache per request re-recorded them every
+    time. (The step runs eagerly here: the same path, without compiling.) Reuse changes no
+    token: stale keys of the last request are masked."""
+    from smoltrain.generate import decode_step, prepare_for_generation
+
+    reference = [micro_model.generate(torch.tensor([p]), max_new_tokens=6) for p in ([5, 6, 7], [9, 3])]
+    model = prepare_for_generation(micro_model)
+    model.decode_step = decode_step
+    made = []
+    real = model.decode_cache
+    model.decode_cache = lambda *a, **k: made.append(real(*a, **k)) or made[-1]
+    outputs = [model.generate(torch.tensor([p]), max_new_tokens=6) for p in ([5, 6, 7], [9, 3], [5, 6, 7])]
+    assert [torch.equal(a, b) for a, b in zip(outputs, [*reference, reference[0]], strict=True)] == [True] * 3
+    assert len(made) == 3 and made[0] is made[1] is made[2] and made[0].capacity == 128  # the context
+    assert model.decode_cache(2, 128) is not made[0]  # another batch size: its own

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from smoltrain.device import inference_dtype
 from smoltrain.generate import prepare_for_generation, stream_text
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
@@ -30,7 +31,8 @@ class Limits:
 def load_for_serving(
     model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu", compile: bool = False
 ):
-    model = prepare_for_generation(load_model(model_spec, device=device), compile=compile)
+    weights = load_model(model_spec, dtype=inference_dtype(str(device).split(":")[0]), device=device)
+    model = prepare_for_generation(weights, compile=compile)
     tokenizer = tokenizer_for(model_spec, tokenizer_spec)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     return model, tokenizer

@@ -22,11 +22,15 @@ COMPILE_HELP = (
 )
 
 
-def _dtype(name: str):
+def _dtype(name: str, device: str):
     import torch
 
+    from smoltrain.device import inference_dtype
+
+    if name == "auto":
+        return inference_dtype(device)
     if name not in DTYPES:
-        raise SystemExit(f"error: unknown dtype '{name}'; choose one of {sorted(DTYPES)}")
+        raise SystemExit(f"error: unknown dtype '{name}'; choose auto or one of {sorted(DTYPES)}")
     return getattr(torch, DTYPES[name])
 
 
@@ -56,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     check_generate_args(args)
     device = pick_device(args.device)
-    model = load_model(args.model, dtype=_dtype(args.dtype), device=device)
+    model = load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
     model = prepare_for_generation(model, compile=args.compile)
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
@@ -103,7 +107,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         return convert_to_gguf(args)
     check_output_folder(dst, args.overwrite)
     dtype = args.dtype or "float32"
-    model = load_model(args.src, dtype=_dtype(dtype))
+    model = load_model(args.src, dtype=_dtype(dtype, "cpu"))
     tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     # written beside and renamed over: never old and new files mixed, never half a folder
@@ -226,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lm_eval.utils import make_table
 
     device = pick_device(args.device)
-    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype), device=device))
+    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype, device), device=device))
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     lm = SmolLM(model, tokenizer, batch_size=args.batch_size)
@@ -310,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
     g.add_argument("--device", default="auto")
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.set_defaults(func=cmd_generate)
@@ -385,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", type=Path, default=None, help="write lm-eval's results JSON here")
     e.add_argument("--log-samples", action="store_true", help="keep each item's scores in the JSON")
     e.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_eval)
 

@@ -134,6 +134,15 @@ def measure_peak_flops(
     return per_timing * 2 * n**3 / min(times)
 
 
+def inference_dtype(device_type: str) -> torch.dtype:
+    """The weights' dtype for generation, serving and evaluation when none is asked for: on
+    CUDA bf16 (fp16 without it), as training computes there, rather than fp32 at a quarter of
+    the tensor cores' rate; fp32 elsewhere (CPU decoding is measured in docs/performance.md)."""
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def cuda_training_settings(device_type: str, tf32: bool) -> list[str]:
     """Process-wide CUDA settings for training, applied here and named for the start-up
     summary: TF32 matmuls and convolutions for fp32 (8x the fp32 rate on tensor cores, at

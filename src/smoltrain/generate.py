@@ -175,11 +175,11 @@ def stream_generate(
         slots = torch.zeros(B, capacity, dtype=torch.bool, device=model.device)  # cache slots in use
         slots[:, :T] = True if attention_mask is None else attention_mask.bool()
         slot_index = torch.arange(capacity, device=model.device)
-    cache = KVCache(model.config, B, capacity, model.device, model.dtype)
     graphs = compiled_step is not None and "mode" in decode_compile_mode(model.device.type)
-    if graphs:  # written in place by every replay: the graph must keep their addresses
-        for buffer in cache.keys + cache.values:
-            torch._dynamo.mark_static_address(buffer)
+    if compiled_step is not None:
+        cache = model.decode_cache(B, capacity, static=graphs)
+    else:
+        cache = KVCache(model.config, B, capacity, model.device, model.dtype)
     generated = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
     step_ids, step_positions = input_ids, position_ids

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -282,14 +283,18 @@ class StopRequested:
 def setup_accelerator(cfg: TrainConfig):
     """The device, the process group and the trackers."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     if "wandb" in cfg.log.trackers and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally, sync later
     return Accelerator(
         cpu=pick_device(cfg.train.device) == "cpu",
         # the rotary tables are buffers computed identically on every rank: no broadcast
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # ranks wait in a collective while rank 0 writes a checkpoint (a 1.7B FSDP one: ~20 GB)
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes)),
+        ],
         # autocast and fp16's loss scaling are the loop's own (`autocast`, `Run.scaler`): one
         # path on CUDA and CPU, where Accelerate has no fp16, so it is tested here
         mixed_precision="no",
@@ -1187,6 +1192,7 @@ RESUME_SAFE_KEYS = {
     "train.device",
     "train.compile",
     "train.kernels",
+    "train.dist_timeout_minutes",
     "train.tune_malloc",
     "train.peak_flops",
     "train.mps_empty_cache_every",

@@ -69,6 +69,7 @@ class TrainLoopConfig:
     kernels: str = "auto"  # auto: those measured to pay on this device | off | a list: chunked_loss,mlp
     tune_malloc: bool = True  # CPU under glibc: keep freed memory, tcache off (docs/performance.md)
     fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2)
+    dist_timeout_minutes: float = 60.0  # a collective's wait, e.g. for rank 0 writing a checkpoint
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     loss_scale: float = 65536.0  # fp16: GradScaler's initial scale (halved at each overflow)
@@ -229,7 +230,7 @@ AT_LEAST_ONE = (
     "eval.every",
     "eval.batch_size",
 )
-POSITIVE = ("optim.lr", "optim.muon_lr", "optim.eps", "train.loss_scale")
+POSITIVE = ("optim.lr", "optim.muon_lr", "optim.eps", "train.loss_scale", "train.dist_timeout_minutes")
 AT_LEAST_ZERO = (
     "optim.weight_decay",
     "optim.grad_clip",

@@ -157,9 +157,12 @@ def default_chunk_size(vocab_size: int, device_type: str) -> int:
     """Tokens per chunk. On CPU, 96 MiB of fp32 logits (512 tokens of a 49k vocabulary):
     the head's matmuls run 15% faster than at 170 tokens and, with
     `smoltrain.perf.keep_freed_memory`, the buffers are reused across chunks instead of
-    page-faulted in (bench: 135M bf16 step +20%). GPUs want bigger matmuls still."""
+    page-faulted in (bench: 135M bf16 step +20%). GPUs want bigger matmuls still; an Apple
+    GPU's memory is the machine's, so its chunks stay smaller."""
     if device_type == "cpu":
         return max(32, (96 << 20) // (4 * vocab_size))
+    if device_type == "mps":  # unified memory, shared with the system: 256 MiB, not CUDA's 1 GiB
+        return max(64, (256 << 20) // (4 * vocab_size))
     return max(256, (1 << 30) // (4 * vocab_size))
 
 

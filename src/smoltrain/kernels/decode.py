@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoltrain.kernels import swap_class
-from smoltrain.model import MLP, Attention, CustomLLM
+from smoltrain.model import MLP, Attention, CustomLLM, KVCache
 
 MakeLinear = Callable[[torch.Tensor], nn.Module]
 
@@ -139,6 +139,22 @@ class PackedLLM(CustomLLM):
         with torch.no_grad():
             self.lm_head = make_linear(self.lm_head.weight)
         self.decode_step = decode_step
+        self.decode_caches: dict[tuple[int, int], KVCache] = {}
+
+    def decode_cache(self, batch_size: int, capacity: int, static: bool = False) -> KVCache:
+        """An empty KV cache for the compiled decode step at this batch size and capacity:
+        one per shape, kept and reused, so that a CUDA graph recorded on its buffers
+        (`static`: their addresses marked for it) replays for every later request of that
+        shape instead of being recorded again. Stale keys in it are masked by the caller."""
+        cache = self.decode_caches.get((batch_size, capacity))
+        if cache is None:
+            cache = KVCache(self.config, batch_size, capacity, self.device, self.dtype)
+            if static:  # written in place by every replay: the graph must keep their addresses
+                for buffer in cache.keys + cache.values:
+                    torch._dynamo.mark_static_address(buffer)
+            self.decode_caches[(batch_size, capacity)] = cache
+        cache.length = 0
+        return cache
 
     def num_parameters(self) -> int:
         return self.config.num_params()  # the repacked weights are no longer all parameters
