@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from smoltrain.config import get_preset
-from smoltrain.device import choose_precision, cpu_info, measure_peak_flops, native_flags
+from smoltrain.device import ISA_SETTINGS, choose_precision, cpu_info, measure_peak_flops, native_flags
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -225,9 +226,11 @@ def describe_cpu() -> str:
     info = cpu_info()
     wide = [f for f in info.flags if f.startswith(("avx512f", "amx", "avx2")) or f == "avx512_bf16"]
     bf16 = " ".join(native_flags(info, "bf16")) or "none"
+    held = [f"{k}={os.environ[k]}" for k in ISA_SETTINGS if k in os.environ]
     return (
         f"CPU: {info.model}, {info.threads} threads, torch kernels {info.capability}, "
         f"flags {' '.join(wide) or 'n/a'}, native bf16: {bf16}"
+        + (f"; instruction set held down by {' '.join(held)}" if held else "")
     )
 
 

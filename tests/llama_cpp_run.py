@@ -4,8 +4,23 @@ logits for them and its greedy continuation, saved to an .npz."""
 
 import argparse
 
+import llama_cpp.llama_cpp as llama_lib
 import numpy as np
 from llama_cpp import Llama
+
+# No "extra" weight buffers (the AMX and repacked layouts): on Sapphire Rapids CPUs llama.cpp's
+# AMX matmul segfaults on q8_0 weights (ggml-org/llama.cpp#20824, seen here with 0.3.36); the
+# plain CPU path computes the same results, which is what these tests compare.
+_default_params = llama_lib.llama_model_default_params
+
+
+def _params_without_extra_buffers():
+    params = _default_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_lib.llama_model_default_params = _params_without_extra_buffers
 
 parser = argparse.ArgumentParser()
 parser.add_argument("gguf")

@@ -42,3 +42,20 @@ def test_data_bench_reports_prepare_and_loaders():
 def test_eval_bench_compares_with_lm_eval_hf():
     result = run_bench("bench.evals", "--copies", "1", "--repeats", "1")
     assert "same scores: True" in result.stdout and "ratio: **" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_section_on_cpu(tmp_path):
+    """bench/gpu.sh has never had a GPU: its dry run on CPU (toy sizes) runs every section,
+    and the results file holds each one's outcome, written as the run goes."""
+    import json
+
+    from bench.gpu import SECTIONS
+
+    out = tmp_path / "gpu_results.json"
+    result = run_bench("bench.gpu", "--dry-run", "--out", str(out))
+    results = json.loads(out.read_text())
+    failed = {name: results[name].get("trace") for name, _, _ in SECTIONS if not results[name]["ok"]}
+    assert not failed, failed
+    assert "failed sections: none" in result.stdout
+    assert sum(limit for _, _, limit in SECTIONS) <= 7 * 60  # the H200 budget, cold start included

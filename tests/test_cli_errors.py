@@ -256,11 +256,12 @@ def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     import subprocess
     import sys
 
-    from .test_train import losses
+    from .test_train import losses, small_vocabulary
 
     script = tmp_path / "poison.py"
     script.write_text(POISON)
     common = ["--max-steps", "120", "log.log_every=1", "log.checkpoint_every=20", "optim.grad_clip=0"]
+    common.append(small_vocabulary())
 
     def run(name, *extra, poison="1e15", window="4", check=True):
         cmd = [sys.executable, str(script), *small_run_args(tmp_path, name, *common, *extra)]

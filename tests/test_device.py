@@ -113,6 +113,8 @@ def test_flops_are_named_in_a_unit_that_shows_their_size():
 
 def test_cpu_matmul_speeds_are_measured_once_per_machine_and_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLTRAIN_CACHE", str(tmp_path))
+    for name in device_module.ISA_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
     calls = []
     monkeypatch.setattr(
         device_module, "measure_cpu_matmul", lambda dtype: calls.append(dtype) or 1e9 * len(calls)

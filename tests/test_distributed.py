@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .test_train import losses, metric_rows, small_run_args
+from .test_train import losses, metric_rows, small_run_args, small_vocabulary
 
 pytestmark = pytest.mark.slow  # every test here launches processes with torchrun
 
@@ -32,7 +32,14 @@ def launch(
 def run_args(tmp_path, out, *extra):
     # the global batch is fixed (8 sequences); accumulation follows the process count
     return small_run_args(
-        tmp_path, out, "--max-steps", "10", "log.log_every=1", "train.global_batch_size=8", *extra
+        tmp_path,
+        out,
+        "--max-steps",
+        "10",
+        "log.log_every=1",
+        "train.global_batch_size=8",
+        small_vocabulary(),
+        *extra,
     )
 
 
@@ -271,8 +278,10 @@ def test_shards_and_mixtures_follow_one_process_and_resume_across_counts(tmp_pat
     from .test_data import make_docs, write_jsonl
 
     docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(300))
+    tokenizer = small_vocabulary().split("=", 1)[1]  # the one run_args trains with
     prepare(
-        PrepareJob(str(docs), str(tmp_path / "shards"), eval_every=10, shard_documents=64), progress=False
+        PrepareJob(str(docs), str(tmp_path / "shards"), tokenizer, eval_every=10, shard_documents=64),
+        progress=False,
     )
     shards = f"data.source={tmp_path / 'shards'}"
     one, two = launch(1, *run_args(tmp_path, "one", shards)), launch(2, *run_args(tmp_path, "two", shards))

@@ -42,3 +42,9 @@ def test_the_torch_floor_covers_every_feature_used():
         assert find() is not None, feature
     assert Version(torch.__version__.split("+")[0]) >= floor
     assert floor == max(Version(first) for first, _ in TORCH_FEATURES.values())  # no higher than needed
+
+
+def test_the_spaces_requirements_pin_torch_as_pyproject_does():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    pin = re.search(r'"(torch>=[\d.]+,<[\d.]+)"', pyproject).group(1)
+    assert pin in (REPO / "requirements.txt").read_text().splitlines()

@@ -1,10 +1,12 @@
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,20 @@ def write_corpus(path: Path, n: int = 200) -> Path:
                 + "\n"
             )
     return path
+
+
+@functools.cache
+def small_vocabulary() -> str:
+    """`tokenizer=FOLDER` for a 512-token BPE learned on write_corpus's words, made once per
+    process. With SmolLM2's 49,152 tokens a test's tiny model spends ~98% of each step in
+    its head: on a CPU without fast matmuls the long end-to-end tests then took minutes."""
+    from smoltrain.tokenizer import train_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="smoltrain-test-tokenizer-"))
+    corpus = write_corpus(folder / "corpus.jsonl", 400)
+    documents = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    train_tokenizer(documents, 512).save_pretrained(folder / "tokenizer")
+    return f"tokenizer={folder / 'tokenizer'}"
 
 
 def small_run_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
@@ -172,7 +188,9 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     b = load_file(tmp_path / "big/final/model.safetensors")
     init = None
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+        # 1% of the step's lr: sums of 8 micro-batches and of one batch round differently with
+        # the vector width (AVX2: up to 4e-6 where Adam divides a near-zero gradient's moments)
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
     assert init is None and not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"]))
 
 
@@ -446,6 +464,7 @@ def test_fp16_with_loss_scaling_on_cpu_survives_overflows_and_tracks_fp32(tmp_pa
     batches are retried at half the scale (a skipped step once crashed the next unscale),
     the run reaches its last step and ends near fp32's loss; the scale is checkpointed."""
     steps = ["--max-steps", "24", "log.log_every=1", "log.eval_every=100", "log.checkpoint_every=12"]
+    steps.append(small_vocabulary())  # fp16 is emulated on most CPUs: a small head keeps it quick
     smoltrain(*small_run_args(tmp_path, "fp32", *steps))
     smoltrain(*small_run_args(tmp_path, "fp16", *steps, "train.precision=fp16"))
     overflow = smoltrain(

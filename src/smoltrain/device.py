@@ -31,7 +31,7 @@ NATIVE_FLAGS = {
 }
 # Process settings that change which matmul kernels run (and so their speed): part of the
 # cache key, so an emulated AVX2 run (ONEDNN_MAX_CPU_ISA=AVX2 ...) measures anew.
-_ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 
 def pick_device(name: str = "auto") -> str:
@@ -222,7 +222,7 @@ def measure_cpu_matmul(dtype: torch.dtype) -> float:
 
 
 def _machine_key(info: CpuInfo) -> str:
-    isa = ";".join(f"{k}={os.environ[k]}" for k in _ISA_SETTINGS if k in os.environ)
+    isa = ";".join(f"{k}={os.environ[k]}" for k in ISA_SETTINGS if k in os.environ)
     text = f"{info.model}|{' '.join(info.flags)}|{info.capability}|{info.threads}|{torch.__version__}|{isa}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

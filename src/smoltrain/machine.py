@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 from dataclasses import asdict, dataclass
 
 import torch
 
 from smoltrain.config import ModelConfig
-from smoltrain.device import choose_precision, cpu_info, cpu_matmul_speeds, format_flops, native_flags
+from smoltrain.device import (
+    ISA_SETTINGS,
+    choose_precision,
+    cpu_info,
+    cpu_matmul_speeds,
+    format_flops,
+    native_flags,
+)
 from smoltrain.kernels import choose_kernels
 from smoltrain.kernels.chunked_loss import default_chunk_size
 
@@ -152,6 +160,7 @@ def machine_report(
             "model": info.model,
             "threads": info.threads,
             "torch_kernels": info.capability,
+            "isa_settings": {k: os.environ[k] for k in ISA_SETTINGS if k in os.environ},
             "vector_flags": list(info.flags),
             "native_bf16": native_flags(info, "bf16"),
             "native_fp16": native_flags(info, "fp16"),
@@ -193,7 +202,8 @@ def format_report(report: dict) -> str:
         "python / torch": f"{report['python']} / {report['torch']}, CUDA {report['cuda'] or 'none'}, "
         f"MPS {'yes' if report['mps'] else 'no'}",
         "devices": devices or "cpu only",
-        "cpu": f"{cpu['model']}, {cpu['threads']} threads, torch kernels {cpu['torch_kernels']}",
+        "cpu": f"{cpu['model']}, {cpu['threads']} threads, torch kernels {cpu['torch_kernels']}"
+        + "".join(f", {k}={v}" for k, v in cpu["isa_settings"].items()),
         "cpu flags": " ".join(cpu["vector_flags"]) or "(not readable here)",
         "native 16-bit flags": f"bf16 {' '.join(cpu['native_bf16']) or 'none'}, "
         f"fp16 {' '.join(cpu['native_fp16']) or 'none'}",
