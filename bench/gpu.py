@@ -493,7 +493,7 @@ def compiled_document_masks(device: str, dry: bool) -> dict:
         got = loss_of(compiled, doc)
         (got if device == "cuda" else eager).backward()
         model.zero_grad(set_to_none=True)
-        losses.append((float(eager), float(got)))
+        losses.append((float(eager.detach()), float(got.detach())))
     result = {
         "graph_breaks": explained.graph_break_count,
         "recompiles": int(torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)),
