@@ -36,6 +36,10 @@ from smoltrain.device import peak_flops, sync
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CONFIG = REPO / "configs/smollm2-135m-cosmopedia-gpu.yaml"
+# The 16-bit precision the sections train in: bf16, except in a dry run on a CPU that
+# emulates bf16 (minutes for a toy step there), where they run in fp32 on the same paths.
+HALF = "bf16"
+DRY_TOKENIZER = "smollm2"  # a dry run's: a 512-token one learned at its start
 
 
 def log(line: str) -> None:
@@ -78,11 +82,12 @@ def small_model_overrides(dry: bool) -> list[str]:
         return []
     return [
         "model.preset=tiny",
+        f"tokenizer={DRY_TOKENIZER}",  # a small vocabulary: a 49k head is most of a toy step
         "data.context_length=64",
         "train.micro_batch_size=2",
         "train.grad_accum_steps=2",
         "train.compile=false",
-        "train.precision=bf16",
+        f"train.precision={HALF}",
         "data.num_workers=0",
     ]
 
@@ -141,9 +146,9 @@ def sdpa_kernels(device: str, dry: bool) -> list[str]:
             return func(*args, **(kwargs or {}))
 
     preset, T = ("tiny", 64) if dry else ("smollm2-135m", 2048)
-    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, "bf16")
+    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, HALF)
     ids = torch.randint(0, 49152, (2, T), device=device)
-    with Record(), torch.autocast(device, dtype=torch.bfloat16):
+    with Record(), torch.autocast(device, dtype=torch.bfloat16, enabled=HALF == "bf16"):
         model(ids, labels=ids, return_logits=False).loss.backward()
     # (on CPU in bf16 the CPU attention kernel runs instead of SDPA: the dry run lists none)
     log(f"SDPA kernels in a training step: {sorted(names)}")
@@ -192,18 +197,19 @@ def chunked_loss_errors(device: str, dry: bool) -> dict:
 
 def fp16_overflow(device: str, dry: bool, out: Path) -> dict:
     """An fp16 run from a loss scale that overflows: it must skip, shrink the scale, finish."""
+    steps = 8 if dry else 20  # fp16 is emulated on most CPUs
     args = [
         "--config",
         str(GPU_CONFIG),
         "--output-dir",
         str(out / "fp16"),
         "--max-steps",
-        "20",
+        str(steps),
         "data.source=builtin:python-docs",
         "log.trackers=[]",
         "log.progress_bar=false",
         "log.log_every=5",
-        "log.eval_every=20",
+        f"log.eval_every={steps}",
         "log.sample_every=1000",
         "log.checkpoint_every=1000",
         "data.context_length=512",
@@ -218,7 +224,7 @@ def fp16_overflow(device: str, dry: bool, out: Path) -> dict:
     result = {
         "returncode": code,
         "overflows": text.count("fp16 gradients overflowed"),
-        "finished": "done: step 20" in text,
+        "finished": f"done: step {steps}" in text,
         "seconds": round(seconds, 1),
     }
     log(f"fp16 from loss scale 1e9: {result}")
@@ -246,7 +252,7 @@ def document_mask(device: str, dry: bool) -> dict:
 
     preset, B, T = ("tiny", 2, 64) if dry else ("smollm2-135m", 8, 2048)
     torch.manual_seed(0)
-    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, "bf16")
+    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, HALF)
     ids = torch.randint(0, 49152, (B, T), device=device)
     lengths = torch.randint(50, 600, (B * T // 50,), generator=torch.Generator().manual_seed(0))
     doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[: B * T].view(B, T).to(device)
@@ -254,7 +260,7 @@ def document_mask(device: str, dry: bool) -> dict:
 
     def step(document_ids):
         def run():
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=HALF == "bf16"):
                 loss = model(ids, labels=ids, document_ids=document_ids, return_logits=False).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -289,7 +295,7 @@ def worker(kind: str, *args: str) -> dict:
 def versus_transformers(device: str, dry: bool) -> dict:
     """Training tokens/s, MFU and memory at context 2048 in bf16, eager and compiled."""
     preset, batch, context, steps = ("tiny", 2, 64, "2") if dry else ("smollm2-135m", 16, 2048, "10")
-    peak, source = peak_flops(device, "bf16")
+    peak, source = peak_flops(device, HALF)
     config = get_preset(preset)
     flops = config.flops_per_token(context)
     # causal attention computes half the scores: 6 L H T per token instead of 12 L H T
@@ -299,7 +305,7 @@ def versus_transformers(device: str, dry: bool) -> dict:
         for compiled in (False,) if dry else (False, True):
             r = worker(
                 "train",
-                *("--impl", impl, "--preset", preset, "--precision", "bf16", "--device", device),
+                *("--impl", impl, "--preset", preset, "--precision", HALF, "--device", device),
                 *("--batch", str(batch), "--context", str(context), "--steps", steps, "--warmup", "2"),
                 *(["--compile"] if compiled else []),
             )
@@ -318,7 +324,7 @@ def versus_transformers(device: str, dry: bool) -> dict:
             "--preset",
             preset,
             "--precision",
-            "bf16",
+            HALF,
             "--device",
             device,
             "--kernels",
@@ -339,8 +345,8 @@ def reference_projection(device: str, dry: bool) -> dict:
     for batch in (4, 32):
         r = worker(
             "train",
-            *("--impl", "ours", "--preset", preset, "--precision", "bf16", "--device", device),
-            *("--batch", str(batch), "--context", "256", "--steps", steps, "--warmup", "3"),
+            *("--impl", "ours", "--preset", preset, "--precision", HALF, "--device", device),
+            *("--batch", str(batch), "--context", "32" if dry else "256", "--steps", steps, "--warmup", "3"),
         )
         result[f"micro_batch_{batch}_s"] = 5000 * 8192 / r["tokens_per_s"]
     log(f"reference run (5000 x 8,192 tokens) projected: {result}")
@@ -354,7 +360,7 @@ def generation(device: str, dry: bool) -> dict:
             continue
         r = worker(
             "generate",
-            *("--impl", impl, "--batch", "1", "--precision", "bf16", "--device", device),
+            *("--impl", impl, "--batch", "1", "--precision", HALF, "--device", device),
             *("--new-tokens", "32" if dry else "256", "--repeats", "1" if dry else "3"),
             *(["--compile"] if compiled else []),
         )
@@ -470,7 +476,7 @@ def compiled_document_masks(device: str, dry: bool) -> dict:
 
     preset, B, T = ("tiny", 2, 64) if dry else ("smollm2-135m", 4, 2048)
     torch.manual_seed(0)
-    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, "bf16")
+    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, HALF)
     ids = torch.randint(0, 49152, (B, T), device=device)
 
     def documents(seed: int) -> torch.Tensor:
@@ -479,7 +485,7 @@ def compiled_document_masks(device: str, dry: bool) -> dict:
         return doc - doc[:, :1]
 
     def loss_of(forward, doc):
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=HALF == "bf16"):
             return forward(ids, labels=ids, document_ids=doc, return_logits=False).loss
 
     explained = torch._dynamo.explain(model)(ids, labels=ids, document_ids=documents(0), return_logits=False)
@@ -554,7 +560,7 @@ def gpu_config_memory(device: str, dry: bool) -> dict:
     preset = cfg.model.preset
     r = worker(
         "train",
-        *("--impl", "ours", "--preset", preset, "--precision", "bf16", "--device", device),
+        *("--impl", "ours", "--preset", preset, "--precision", HALF, "--device", device),
         *(
             "--batch",
             str(batch),
@@ -569,7 +575,7 @@ def gpu_config_memory(device: str, dry: bool) -> dict:
         ),
     )
     estimate = estimate_training_memory(
-        get_preset(preset), batch, context, device, "bf16", choose_kernels(device, "bf16")
+        get_preset(preset), batch, context, device, HALF, choose_kernels(device, HALF)
     )
     result = {
         "micro_batch": batch,
@@ -648,7 +654,7 @@ def warm_inductor(device: str, dry: bool) -> dict:
         return {"skipped": "dry run: nothing is compiled"}
     r = worker(
         "train",
-        *("--impl", "ours", "--preset", "smollm2-135m", "--precision", "bf16", "--device", device),
+        *("--impl", "ours", "--preset", "smollm2-135m", "--precision", HALF, "--device", device),
         *("--batch", "16", "--context", "2048", "--steps", "1", "--warmup", "0", "--compile"),
     )
     result = {"compile_s": r["compile_s"]}
@@ -748,6 +754,15 @@ def main() -> None:
     if not dry and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU; `python -m bench.gpu --dry-run` runs it on CPU")
     path = args.out or (None if dry else REPO / "bench/gpu_results.json")
+    global HALF, DRY_TOKENIZER
+    if dry:
+        from smoltrain.device import choose_precision
+        from smoltrain.tokenizer import train_tokenizer, training_documents
+
+        HALF = choose_precision("auto", "cpu").precision
+        DRY_TOKENIZER = tempfile.mkdtemp(prefix="gpu-dry-tokenizer-")
+        documents = training_documents("builtin:python-docs", 200)
+        train_tokenizer(documents, 512).save_pretrained(DRY_TOKENIZER)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # one inductor cache for every process of this script, and for a rerun
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / "runs/inductor-cache"))
