@@ -764,8 +764,8 @@ def main() -> None:
         documents = training_documents("builtin:python-docs", 200)
         train_tokenizer(documents, 512).save_pretrained(DRY_TOKENIZER)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # one inductor cache for every process of this script, and for a rerun
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / "runs/inductor-cache"))
+    if not dry:  # one inductor cache for every process of this script, and for a rerun
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / "runs/inductor-cache"))
     start = time.perf_counter()
     wanted = set(args.only.split(",")) if args.only else None
     results: dict = {"environment": environment(device), "dry_run": dry}

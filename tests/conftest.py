@@ -1,8 +1,21 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 from smoltrain.config import ModelConfig, get_preset
+from smoltrain.device import ISA_SETTINGS
 from smoltrain.model import CustomLLM
+
+# Kernels torch.compile cached while torch was held to another instruction set (the AVX2
+# setting of docs/performance.md) crashed or computed garbage when loaded without it, and
+# the reverse: one inductor cache per setting (subprocesses inherit it).
+_HELD = [f"{k}-{os.environ[k]}" for k in ISA_SETTINGS if k in os.environ]
+if _HELD:
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "inductor-" + "-".join(_HELD))
+    )
 
 
 def micro_config(**overrides) -> ModelConfig:
