@@ -664,23 +664,23 @@ def warm_inductor(device: str, dry: bool) -> dict:
 
 # (name, the function, its time limit in seconds on one H200): 7 minutes in all at most
 SECTIONS = [
-    ("warm_inductor", warm_inductor, 90),
-    ("cli_steps", cli_steps, 60),
-    ("sync_count", sync_count, 40),
-    ("sample_after_bf16_step", sample_after_bf16_step, 30),
+    ("warm_inductor", warm_inductor, 60),
+    ("cli_steps", cli_steps, 40),
+    ("sync_count", sync_count, 25),
+    ("sample_after_bf16_step", sample_after_bf16_step, 20),
     ("resume_with_more_rng_states", resume_with_more_rng_states, 5),
     ("sdpa_kernels", sdpa_kernels, 10),
     ("chunked_loss", chunked_loss_errors, 10),
-    ("fp16_overflow", fp16_overflow, 30),
-    ("document_mask", document_mask, 20),
-    ("compiled_document_masks", compiled_document_masks, 60),
-    ("versus_transformers", versus_transformers, 90),
-    ("gpu_config_memory", gpu_config_memory, 20),
-    ("muon_step_time", muon_step_time, 15),
-    ("reference_projection", reference_projection, 20),
-    ("generation", generation, 40),
-    ("decode_graph_records", decode_graph_records, 40),
-    ("lm_eval_items", lm_eval_items, 40),
+    ("fp16_overflow", fp16_overflow, 20),
+    ("document_mask", document_mask, 15),
+    ("compiled_document_masks", compiled_document_masks, 40),
+    ("versus_transformers", versus_transformers, 60),
+    ("gpu_config_memory", gpu_config_memory, 15),
+    ("muon_step_time", muon_step_time, 10),
+    ("reference_projection", reference_projection, 15),
+    ("generation", generation, 25),
+    ("decode_graph_records", decode_graph_records, 25),
+    ("lm_eval_items", lm_eval_items, 25),
 ]
 
 
