@@ -89,3 +89,61 @@ def test_flex_attention_gets_one_dtype_under_autocast(monkeypatch):
     with torch.no_grad():
         out = mask.attend(q, k, v, enable_gqa=True)
     assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+
+
+def random_packed_ids(B: int, T: int, seed: int) -> torch.Tensor:
+    """Rows as `data.packed_example` builds them: ids counting documents of random lengths,
+    one row with a padded tail (-1) and one a single document."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in range(B):
+        lengths = torch.randint(1, 300, (T,), generator=generator)
+        ids = torch.repeat_interleave(torch.arange(T), lengths)[:T]
+        if row == 1:
+            ids[T - T // 5 :] = -1
+        if row == 2:
+            ids[:] = 0
+        rows.append(ids)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("T", [256, 640, 300])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_block_tables_from_document_bounds_match_create_block_mask(T):
+    """The tables built from the documents' bounds allow exactly what torch's
+    `create_block_mask` (the mask evaluated everywhere) allows, and attention through
+    both is the same, also for a length that is not a multiple of the block."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    document_ids = random_packed_ids(3, T, seed=T)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    want = create_block_mask(same_document_causal, 3, None, T, T, device="cpu")
+    got = flex.document_block_mask(document_ids).block_mask
+    assert torch.equal(got.to_dense(), want.to_dense())
+    if T % 128 == 0:  # the same blocks skipped, and the same ones run without the mask
+        assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+        assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+    q, k, v = torch.randn(3, 3, 2, T, 16).unbind(0)
+    assert torch.allclose(flex_attention(q, k, v, block_mask=got), flex_attention(q, k, v, block_mask=want))
+
+
+def test_the_block_mask_is_built_without_reading_a_value_on_the_host():
+    """No `.item()` or `.tolist()`: on CUDA each would stall the step (a host sync)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                self.reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with HostReads() as mode:
+        flex.document_block_mask(random_packed_ids(4, 1024, seed=0))
+    assert mode.reads == []
