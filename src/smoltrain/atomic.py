@@ -3,11 +3,14 @@ disk leaves the old version or the new one, never half of one."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from smoltrain.errors import TrainingError
@@ -34,10 +37,55 @@ def staging_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "no permission to write there",
+    errno.EPERM: "no permission to write there",
+    errno.EIO: "an I/O error on the device",
+}
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def write_failure(e: BaseException, path: str | Path) -> str | None:
+    """What a failed write of `path` means, in words, with the filesystem and its free space;
+    None when `e` is no write failure. safetensors and torch.save do not raise OSError:
+    safetensors names the OS error's number, torch.save's message never says "disk"."""
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    found = re.search(r"os error (\d+)", str(e))
+    if code is None and found:
+        code = int(found.group(1))
+    mount = _mount_point(Path(path))
+    free = shutil.disk_usage(mount).free
+    if code is None and ("inline_container" in str(e) or "StreamWriter" in str(e)):
+        code = errno.ENOSPC if free < 64 << 20 else errno.EIO
+    if code not in _WRITE_ERRORS:
+        return None
+    return f"{_WRITE_ERRORS[code]} (writing {path}; {free >> 20} MB free on the filesystem at {mount})"
+
+
+def raise_write_failure(e: BaseException, path: str | Path, advice: str) -> None:
+    """Raise `e` again as one message naming the failure and `advice`, or as it was."""
+    failure = write_failure(e, path)
+    if failure is None:
+        raise e
+    raise TrainingError(f"could not write {Path(path).name}: {failure}; {advice}") from e
+
+
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
     """Write `path` with `content` (text, bytes, or a function that writes the file it is
     given, such as `lambda p: torch.save(obj, p)`): into a temporary file beside it, flushed
-    to disk, then renamed over it."""
+    to disk, then renamed over it. A failed write (full disk, read-only filesystem...) leaves
+    the old file and no temporary one, and raises one message that says so."""
     path = Path(path)
     tmp = staging_path(path)
     try:
@@ -50,8 +98,32 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], objec
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)  # the rename itself
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous version is intact" if path.exists() else "nothing was written"
+        raise_write_failure(e, path, f"{kept}; free space (or fix the permissions) and run it again")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """A staging folder beside `final` to write into; published over `final` in one rename
+    when the block ends, removed when it fails: a kill, a full disk or an error leaves the
+    old `final` (or none), never part of a new one."""
+    final = Path(final)
+    tmp = staging_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        publish_folder(tmp, final, replace=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous version is intact" if final.exists() else "nothing was written"
+        cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ else e  # from write_atomic
+        raise_write_failure(cause, final, f"{kept}; free space (or fix the permissions) and run it again")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_folder(tmp: Path, final: Path, replace: bool = False) -> bool:

@@ -8,7 +8,6 @@ resolved config and the run's counters; `COMPLETE` is written last.
 
 from __future__ import annotations
 
-import errno
 import json
 import random
 import shutil
@@ -19,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoltrain.atomic import publish_folder, write_atomic
+from smoltrain.atomic import publish_folder, write_atomic, write_failure
 from smoltrain.errors import TrainingError
 from smoltrain.parallel import (
     broadcast_object,
     gather_objects,
     load_training_state,
+    read_state_file,
+    read_training_state,
     save_training_state,
     scatter_objects,
 )
@@ -53,7 +54,9 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 def rng_state() -> dict:
     """This process's random states. On CUDA only its own device's: each rank saves its own
     file, and a run resumed on fewer GPUs than it was saved from sees fewer devices."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, keys.tolist(), position, has_gauss, gauss)  # plain data: read back as data
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -111,29 +114,22 @@ def save_checkpoint(
             publish_folder(tmp, final, replace=True)
             write_atomic(root / "latest", final.name + "\n")
             prune_checkpoints(root, cfg.log.keep_checkpoints)
-    except (OSError, RuntimeError) as e:
-        # torch.save reports a full disk as "[enforce fail at inline_container.cc] ..."
-        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "StreamWriter" not in str(e):
+    except Exception as e:
+        cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ else e
+        failure = write_failure(cause, tmp)
+        if failure is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would keep the disk full
         latest = resolve_checkpoint_dir(str(root), required=False)
         error = (
-            f"could not write checkpoint step-{state.step}: {_write_failure(e, root)}. "
-            f"The previous checkpoint ({latest or 'none'}) is intact; free disk space and resume "
+            f"could not write checkpoint step-{state.step}: {failure}. The partial folder was removed "
+            f"and the previous checkpoint ({latest or 'none'}) is intact; free disk space and resume "
             f"with --phase resume --checkpoint {root / 'latest'}"
         )
     error = broadcast_object(error, accelerator)  # every rank stops, none waits on rank 0
     if error:
         raise TrainingError(error)
     return final
-
-
-def _write_failure(e: Exception, root: Path) -> str:
-    """What went wrong, in words: a full disk says so, whatever the library's message."""
-    free = shutil.disk_usage(root if root.exists() else root.parent).free
-    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 64 << 20:
-        return f"no space left on the device of {root} ({free >> 20} MB free; the partial folder was removed)"
-    return str(e).splitlines()[0]
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -238,7 +234,7 @@ def restore_checkpoint(
     the run's counters are returned. The model config must be the checkpoint's. Rank 0 reads
     the checkpoint (`path` is None on the other ranks) and sends each rank its part."""
     world = accelerator.num_processes
-    parts = None
+    parts, states = None, None
     if accelerator.is_main_process:
         run = json.loads((path / "trainer_state.json").read_text())
         saved = run["config"]["model"]
@@ -249,10 +245,15 @@ def restore_checkpoint(
                 f"but the config asks for {cfg.model.preset} {cfg.model.overrides}; resume with the same "
                 "model config (or start a new run with model.init_from)"
             )
-        parts = [
-            {"run": run, "error": error, **_rank_part(path, rank, world, run, cfg)} for rank in range(world)
-        ]
-        if any(p["data"] is None for p in parts):
+        ranks = [None] * world
+        if error is None:
+            try:
+                states = read_training_state(model, path, model.config.tie_word_embeddings)
+                ranks = [_rank_part(path, rank, world, run, cfg) for rank in range(world)]
+            except TrainingError as e:
+                error = str(e)
+        parts = [{"run": run, "error": error, **(part or {"rng": None, "data": None})} for part in ranks]
+        if error is None and any(p["data"] is None for p in parts):
             print(
                 f"note: the data position of {path} was saved per rank by {run.get('world_size')} "
                 f"process(es) (data.rank_split=document); this run has {world}, "
@@ -263,13 +264,7 @@ def restore_checkpoint(
     if part["error"]:
         raise TrainingError(part["error"])
     run = part["run"]
-    load_training_state(
-        model,
-        optimizer,
-        path if accelerator.is_main_process else None,
-        model.config.tie_word_embeddings,
-        world > 1,
-    )
+    load_training_state(model, optimizer, states, world > 1)
     set_rng_state(part["rng"])
     if part["data"] is not None:
         loader.load_state_dict(part["data"])
@@ -282,11 +277,11 @@ def _rank_part(path: Path, rank: int, world: int, run: dict, cfg: TrainConfig) -
     """Rank `rank`'s RNG state (rank 0's when the checkpoint had fewer ranks) and data
     position (None: the stream starts over)."""
     rank_rng = path / f"rng-rank{rank}.pt"
-    rng = torch.load(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt", weights_only=False)
+    rng = read_state_file(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt")
     global_state, rank_state = path / "data.pt", path / f"data-rank{rank}.pt"
     data = None
     if cfg.data.rank_split == "micro_batch" and global_state.is_file():
-        data = torch.load(global_state, weights_only=False)
+        data = read_state_file(global_state)
     elif rank_state.is_file() and run.get("world_size", 1) == world:
-        data = torch.load(rank_state, weights_only=False)
+        data = read_state_file(rank_state)
     return {"rng": rng, "data": data}

@@ -98,7 +98,7 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from smoltrain.atomic import publish_folder, staging_path
+    from smoltrain.atomic import staged_folder
     from smoltrain.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
@@ -111,9 +111,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     # written beside and renamed over: never old and new files mixed, never half a folder
-    tmp = staging_path(dst)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
-    publish_folder(tmp, dst, replace=True)
+    with staged_folder(dst) as tmp:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
     print(
         f"wrote {args.dst}: {model.num_parameters():,} parameters, {dtype}"
         f"{', with tokenizer' if tokenizer else ', no tokenizer (pass --tokenizer)'}"
@@ -197,7 +196,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from smoltrain.atomic import publish_folder, staging_path
+    from smoltrain.atomic import staged_folder
     from smoltrain.tokenizer import train_tokenizer, training_documents
 
     out = Path(args.out_dir)
@@ -207,9 +206,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     documents = training_documents(args.source, args.eval_every, args.text_column, args.txt_documents)
     tokenizer = train_tokenizer(documents, args.vocab_size, args.min_frequency, args.chat_template)
-    tmp = staging_path(out)  # a whole tokenizer folder or none
-    tokenizer.save_pretrained(tmp)
-    publish_folder(tmp, out, replace=True)
+    with staged_folder(out) as tmp:  # a whole tokenizer folder or none
+        tokenizer.save_pretrained(tmp)
     print(
         f"trained a {len(tokenizer):,}-token byte-level BPE tokenizer in {time.perf_counter() - start:.0f}s "
         f"-> {out}; use it with tokenizer: {out} in a config (the model's vocabulary follows it)"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from smoltrain.errors import TrainingError
 from smoltrain.model import CustomLLM
 
 _FULL = dict(full_state_dict=True, cpu_offload=True)
@@ -104,20 +105,87 @@ def full_model_state(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(**_FULL))
 
 
-def load_training_state(model, optimizer, folder: Path | None, tied: bool, broadcast: bool) -> None:
-    """Load what `save_training_state` wrote into a model and optimizer, plain or sharded.
-    With `broadcast` only rank 0 reads `folder` (None on the other ranks) and sends each
+def read_state_file(path: Path):
+    """A `.pt` file of a checkpoint read as data: tensors, numbers, text, lists, dicts and
+    numpy arrays (a data position's token buffer; numpy's RNG state before 2026-12).
+    torch.load's full unpickler runs any code a file names, and checkpoints pass between
+    people."""
+    import pickle
+
+    import numpy as np
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed it
+    numeric = [type(np.dtype(code)) for code in "?bBhHiIlLqQefd"]  # an array's dtype class
+    numpy_data = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *numeric]
+    try:
+        with torch.serialization.safe_globals(numpy_data):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise TrainingError(
+            f"{path} holds more than tensors, numbers and text ({refused}); smoltrain reads "
+            "checkpoints as data and runs no code stored in one. Resume only from checkpoints "
+            "smoltrain wrote, or start a new run with model.init_from pointing at trusted weights"
+        ) from None
+    except (EOFError, RuntimeError) as e:
+        raise TrainingError(
+            f"{path} is damaged ({str(e).splitlines()[0] or type(e).__name__}); resume from an "
+            "earlier checkpoint (checkpoints/step-N)"
+        ) from None
+
+
+def _canonical_name(name: str) -> str:
+    # torch.compile and activation checkpointing insert these into parameter names
+    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def read_training_state(model, folder: Path, tied: bool) -> tuple[dict, dict]:
+    """model.safetensors and optimizer.pt of a checkpoint, read as data and checked against
+    `model` before anything is loaded: every tensor's name and shape (a checkpoint of another
+    model would crash the process or train on with misshapen optimizer state)."""
+    from safetensors import safe_open
+
+    shapes = {_canonical_name(k): tuple(p.shape) for k, p in model.named_parameters()}
+    weights, optimizer_file = folder / "model.safetensors", folder / "optimizer.pt"
+    fix = "resume with the model config that wrote it, or start a new run with model.init_from"
+    with safe_open(weights, "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: v for k, v in shapes.items() if not (tied and k == "lm_head.weight")}
+    for name in sorted(expected.keys() | saved.keys()):
+        if saved.get(name) != expected.get(name):
+            raise TrainingError(
+                f"{weights} does not fit this model: {name} is {saved.get(name, 'missing')} there "
+                f"and {expected.get(name, 'absent')} here; {fix}"
+            )
+    optim_state = read_state_file(optimizer_file)
+    if not isinstance(optim_state, dict) or not isinstance(optim_state.get("state"), dict):
+        raise TrainingError(f"{optimizer_file} is not an optimizer state; resume from an earlier checkpoint")
+    for name, values in optim_state["state"].items():
+        if name not in shapes:
+            raise TrainingError(f"{optimizer_file} holds state for {name}, which this model lacks; {fix}")
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[name]:
+                raise TrainingError(
+                    f"{optimizer_file} does not fit this model: {key} of {name} is "
+                    f"{tuple(value.shape)}, the parameter {shapes[name]}; {fix}"
+                )
+    model_state = load_file(weights)
+    if tied:
+        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+    return model_state, optim_state
+
+
+def load_training_state(model, optimizer, states: tuple[dict, dict] | None, broadcast: bool) -> None:
+    """Load what `read_training_state` read into a model and optimizer, plain or sharded.
+    With `broadcast` only rank 0 holds `states` (None on the other ranks) and sends each
     tensor to the others: no rank but the first needs the files, nor their memory at once."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     # torch reads an empty model dict as "optimizer only" and skips the model's broadcast:
     # the other ranks pass their own state as the (unread) placeholder
-    model_state, optim_state = model.state_dict(), {}
-    if folder is not None:
-        model_state = load_file(folder / "model.safetensors")
-        if tied:
-            model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
-        optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    model_state, optim_state = states if states is not None else (model.state_dict(), {})
     set_state_dict(
         model,
         optimizer,

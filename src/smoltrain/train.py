@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from smoltrain.atomic import FolderLock
+from smoltrain.atomic import FolderLock, staged_folder
 from smoltrain.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
@@ -76,6 +76,7 @@ from smoltrain.parallel import (
     full_model_state,
     gradient_sync,
     load_training_state,
+    read_training_state,
     shard_model,
 )
 from smoltrain.perf import cpu_training_tweaks
@@ -245,7 +246,8 @@ def export_final(
         model.load_state_dict(state)
     elif not accelerator.is_main_process:
         return
-    model.save_pretrained(out / "final", tokenizer=tokenizer)
+    with staged_folder(out / "final") as tmp:  # a kill mid-export leaves no half a folder
+        model.save_pretrained(tmp, tokenizer=tokenizer)
     if gguf:
         from smoltrain.gguf_export import write_gguf
 
@@ -817,13 +819,9 @@ def roll_back_if_spiking(run: Run) -> None:
             "optim.lr or check the data, then resume from that checkpoint"
         )
     run.rollbacks_to[target] = times
-    load_training_state(
-        run.raw_model,
-        run.torch_optimizers,
-        Path(target) if is_main else None,
-        run.raw_model.config.tie_word_embeddings,
-        run.accelerator.num_processes > 1,
-    )
+    tied = run.raw_model.config.tie_word_embeddings
+    states = read_training_state(run.raw_model, Path(target), tied) if is_main else None
+    load_training_state(run.raw_model, run.torch_optimizers, states, run.accelerator.num_processes > 1)
     if run.scaler is not None and "grad_scaler" in saved:
         run.scaler.load_state_dict(saved["grad_scaler"])
     spiked, back_to = list(run.recent_spikes), saved["state"]["step"]

@@ -1,0 +1,152 @@
+"""A checkpoint is data, not code, and every input is checked before it can hurt: through
+the CLI, as a user (or someone handing them a file) would meet it. Each case: exit code,
+the message's key words, no traceback, and the files already written left byte-identical."""
+
+import shutil
+
+import pytest
+import torch
+
+from .test_cli_errors import assert_clean_error, folder_bytes
+from .test_train import small_run_args, smoltrain
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A finished 2-step run with a checkpoint, and one of a wider model."""
+    root = tmp_path_factory.mktemp("runs")
+    smoltrain(*small_run_args(root, "small", "--max-steps", "2", "log.checkpoint_every=2"))
+    wider = ["model.overrides.hidden_size=96", "model.overrides.intermediate_size=192"]
+    smoltrain(*small_run_args(root, "wide", "--max-steps", "2", "log.checkpoint_every=2", *wider))
+    return root
+
+
+def copy_run(two_runs, tmp_path, name: str = "small"):
+    run = tmp_path / name
+    shutil.copytree(two_runs / name, run)
+    return run, run / "checkpoints/step-2"
+
+
+def resume(run):
+    return smoltrain("--phase", "resume", "--checkpoint", str(run), check=False)
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng-rank0.pt", "data.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_refused(two_runs, tmp_path, name):
+    """torch.load(weights_only=False) ran a crafted rng-rank0.pt's command on resume (exit 0)."""
+    run, step = copy_run(two_runs, tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({"state": RunsCode(marker)}, step / name)
+    before = folder_bytes(run)
+    assert_clean_error(resume(run), name, "runs no code stored in one")
+    assert not marker.exists()
+    assert folder_bytes(run) == before
+
+
+def test_an_optimizer_state_of_another_model_is_refused(two_runs, tmp_path):
+    """From a smaller model the process died (segmentation fault); from a larger one it
+    trained on and saved misshapen optimizer state into the next checkpoint."""
+    run, step = copy_run(two_runs, tmp_path)
+    wide_run, wide_step = copy_run(two_runs, tmp_path, "wide")
+    shutil.copy(wide_step / "optimizer.pt", step / "optimizer.pt")
+    shutil.copy(two_runs / "small/checkpoints/step-2/optimizer.pt", wide_step / "optimizer.pt")
+    for folder in (run, wide_run):
+        before = folder_bytes(folder)
+        assert_clean_error(resume(folder), "step-2/optimizer.pt does not fit this model", "exp_avg")
+        assert folder_bytes(folder) == before
+
+
+def test_weights_of_another_shape_are_named_not_a_size_mismatch_traceback(two_runs, tmp_path):
+    run, step = copy_run(two_runs, tmp_path)
+    shutil.copy(two_runs / "wide/checkpoints/step-2/model.safetensors", step / "model.safetensors")
+    before = folder_bytes(run)
+    assert_clean_error(resume(run), "model.safetensors does not fit this model", "96)", "64)")
+    assert folder_bytes(run) == before
+
+
+def test_a_checkpoint_written_before_resumes(two_runs, tmp_path):
+    """Checkpoints written before 2026-12 hold numpy's RNG state as an array: still data."""
+    import numpy as np
+
+    run, step = copy_run(two_runs, tmp_path)
+    rng = torch.load(step / "rng-rank0.pt", weights_only=True)
+    name, keys, *rest = rng["numpy"]
+    rng["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)
+    torch.save(rng, step / "rng-rank0.pt")
+    resumed = smoltrain(
+        "--phase", "resume", "--checkpoint", str(run), "--max-steps", "3", "--allow-config-changes"
+    )
+    assert "done: step 3" in resumed.stdout
+
+
+FULL_DISK = """
+import shutil, sys
+from collections import namedtuple
+import numpy as np
+from safetensors import SafetensorError
+from smoltrain import model_io, parallel
+from smoltrain.cli import main
+
+def disk_full(*args, **kwargs):
+    shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(10**9, 10**9, 0)
+    raise {error}
+
+{target} = disk_full
+main(sys.argv[1:])
+"""
+# how safetensors words ENOSPC
+SAFETENSORS_FULL = 'SafetensorError("Error while serializing: No space left on device (os error 28)")'
+
+
+def run_with_a_full_disk(tmp_path, target: str, error: str, *args: str):
+    """The CLI with `target` raising `error` as on a full disk, which reports 0 bytes free."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK.format(target=target, error=error))
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+def staging_files(folder) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_full_disk_at_the_first_checkpoint_names_it_and_leaves_no_partial_folder(tmp_path):
+    """safetensors' SafetensorError was a traceback, and checkpoints/.step-1.tmp stayed."""
+    args = small_run_args(tmp_path, "run", "--max-steps", "2", "log.checkpoint_every=1")
+    result = run_with_a_full_disk(tmp_path, "parallel.save_file", SAFETENSORS_FULL, "train", *args)
+    assert_clean_error(result, "could not write checkpoint step-1: no space left on the device", "MB free")
+    assert not staging_files(tmp_path / "run")
+
+
+def test_a_full_disk_while_exporting_final_keeps_the_checkpoint_and_leaves_no_half_folder(tmp_path):
+    """final/ was written in place: a kill or a full disk left it with config.json alone."""
+    args = small_run_args(tmp_path, "run", "--max-steps", "2", "log.checkpoint_every=2")
+    result = run_with_a_full_disk(tmp_path, "model_io.save_file", SAFETENSORS_FULL, "train", *args)
+    assert_clean_error(result, "could not write final: no space left on the device", "nothing was written")
+    assert not (tmp_path / "run/final").exists() and not staging_files(tmp_path / "run")
+    assert (tmp_path / "run/checkpoints/step-2/COMPLETE").is_file()
+
+
+def test_a_full_disk_while_preparing_shards_leaves_no_staging_file(tmp_path):
+    from .test_data import make_docs, write_jsonl
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    out = tmp_path / "shards"
+    error = "OSError(28, 'No space left on device')"
+    result = run_with_a_full_disk(tmp_path, "np.save", error, "prepare", str(docs), str(out), "--no-progress")
+    assert_clean_error(result, "could not write shard-00000", "no space left on the device", "MB free")
+    assert not staging_files(out)
