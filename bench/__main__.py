@@ -183,6 +183,8 @@ def main() -> None:
                     "1" if quick else "3",
                     "--bandwidth-mb",
                     str(bandwidth_mb),
+                    "--layers",
+                    "2" if quick else "0",  # quick: compiling 2 layers, not 30
                 ],
                 contenders,
             )

@@ -362,6 +362,7 @@ def generation(device: str, dry: bool) -> dict:
             "generate",
             *("--impl", impl, "--batch", "1", "--precision", HALF, "--device", device),
             *("--new-tokens", "32" if dry else "256", "--repeats", "1" if dry else "3"),
+            *("--layers", "2" if dry else "0"),  # dry: SmolLM2's first 2 layers
             *(["--compile"] if compiled else []),
         )
         result[f"{impl}_{'compiled' if compiled else 'eager'}_tokens_per_s"] = r["tokens_per_s"]
@@ -475,9 +476,10 @@ def compiled_document_masks(device: str, dry: bool) -> dict:
     from smoltrain.model import CustomLLM
 
     preset, B, T = ("tiny", 2, 64) if dry else ("smollm2-135m", 4, 2048)
+    toy = {"num_hidden_layers": 1, "vocab_size": 512} if dry else {}  # dry: less to compile
     torch.manual_seed(0)
-    model = prepare_for_training(CustomLLM(get_preset(preset)).to(device), device, HALF)
-    ids = torch.randint(0, 49152, (B, T), device=device)
+    model = prepare_for_training(CustomLLM(get_preset(preset, **toy)).to(device), device, HALF)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device=device)
 
     def documents(seed: int) -> torch.Tensor:
         lengths = torch.randint(20, T, (B * T // 20,), generator=torch.Generator().manual_seed(seed))

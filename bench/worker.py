@@ -11,6 +11,7 @@ import json
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -107,12 +108,36 @@ def train(args) -> dict:
     }
 
 
+def first_layers(folder: Path, layers: int) -> Path:
+    """SmolLM2's first `layers` decoder layers (its embedding, norm and head kept) as an HF
+    folder beside the full one: a quick run's model, the same for both contenders."""
+    from safetensors.torch import load_file, save_file
+
+    from smoltrain.atomic import publish_folder, staging_path
+
+    out = folder.with_name(f"{folder.name}-{layers}-layers")
+    if not (out / "model.safetensors").is_file():
+        tmp = staging_path(out)
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] = layers
+        (tmp / "config.json").write_text(json.dumps(config))
+        keep = tuple(f"model.layers.{i}." for i in range(layers))
+        state = load_file(folder / "model.safetensors")
+        kept = {k: v for k, v in state.items() if not k.startswith("model.layers.") or k.startswith(keep)}
+        save_file(kept, tmp / "model.safetensors", metadata={"format": "pt"})
+        publish_folder(tmp, out)  # a concurrent run's copy, if first, is kept
+    return out
+
+
 def generate(args) -> dict:
     from smoltrain.model_io import _gguf_as_hf_folder, bundled_gguf_path
     from smoltrain.tokenizer import load_tokenizer
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     folder = _gguf_as_hf_folder(bundled_gguf_path())  # the same weights for both contenders
+    if args.layers:
+        folder = first_layers(folder, args.layers)
     tokenizer = load_tokenizer("smollm2")
     ids = tokenizer([PROMPT] * args.batch, return_tensors="pt")["input_ids"].to(args.device)
     if args.impl == "ours":
@@ -179,6 +204,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=0, help="generate: SmolLM2's first N layers (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--kernels", default="auto", help="ours: train.kernels (auto, off, or names)")

@@ -150,3 +150,76 @@ def test_a_full_disk_while_preparing_shards_leaves_no_staging_file(tmp_path):
     result = run_with_a_full_disk(tmp_path, "np.save", error, "prepare", str(docs), str(out), "--no-progress")
     assert_clean_error(result, "could not write shard-00000", "no space left on the device", "MB free")
     assert not staging_files(out)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("manifest", ["shard-00000.train.npy holds", "manifest.json says", "edited or damaged"]),
+        ("halved", ["shard-00001.train.npy is cut short", "bytes where its header promises"]),
+        ("emptied", ["shard-00001.train.docs.npy is not a readable .npy file"]),
+    ],
+)
+def test_a_damaged_prepared_folder_is_named_at_start_up(tmp_path, damage, words):
+    """A manifest claiming 10x the tokens trained on masked rows (grad norm 0.0), exit 0; a
+    shard cut in half failed later ("mmap length is greater than file size"); an emptied one
+    gave an EOFError traceback."""
+    import json
+
+    from .test_data import make_docs, write_jsonl
+    from .test_shards import prepare_in_process
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(200))
+    shards = tmp_path / "shards"
+    prepare_in_process(str(docs), str(shards), "--shard-documents", "100", "--eval-every", "10")
+    if damage == "manifest":
+        manifest = json.loads((shards / "manifest.json").read_text())
+        manifest["shards"][0]["tokens"] *= 10
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "halved":
+        shard = shards / "shard-00001.train.npy"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        (shards / "shard-00001.train.docs.npy").write_bytes(b"")
+    result = smoltrain(*small_run_args(tmp_path, "run", f"data.source={shards}"), check=False)
+    assert_clean_error(result, *words, "smoltrain prepare")
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+def test_a_source_of_empty_documents_is_refused_and_empties_are_counted(tmp_path):
+    """50 x {"text": ""} with a separate eval source trained on end-of-text tokens, exit 0."""
+    import json
+
+    from .test_data import make_docs, write_jsonl
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(50)))
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(40))
+    args = small_run_args(tmp_path, "run", f"data.source={empty}", f"data.eval_source={docs}")
+    assert_clean_error(smoltrain(*args, check=False), "yielded no train documents", "50 empty documents")
+    from .test_shards import prepare_cli
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(empty.read_text() + docs.read_text())
+    prepared = prepare_cli(str(mixed), str(tmp_path / "shards"))
+    assert "left out 50 empty documents" in prepared.stdout
+    manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
+    assert manifest["documents"] + manifest["eval_documents"] == 40 and manifest["empty_documents"] == 50
+    refused = prepare_cli(str(empty), str(tmp_path / "none"), check=False)
+    assert_clean_error(refused, "holds no documents (50 empty documents")
+
+
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_a_document_that_is_not_text_names_the_column(tmp_path, command):
+    """A number in the text column was an "'int' object has no attribute 'encode'" traceback."""
+    import json
+
+    from .test_shards import prepare_cli
+
+    source = tmp_path / "numbers.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a document", 17, "another"]))
+    if command == "train":
+        result = smoltrain(*small_run_args(tmp_path, "run", f"data.source={source}"), check=False)
+    else:
+        result = prepare_cli(str(source), str(tmp_path / "shards"), check=False)
+    assert_clean_error(result, "has a int value", "text column 'text'", "data.text_column")

@@ -193,6 +193,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         f"{m['dtype']}, at {m['tokens_per_second'] or 0:,} tokens/s -> {args.out_dir}; "
         f"train with data.source={args.out_dir}"
     )
+    if m.get("empty_documents"):
+        print(f"note: left out {m['empty_documents']:,} empty documents (no text, no tokens)")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:

@@ -293,6 +293,19 @@ def python_docs_dir() -> Path:
 # --------------------------------------------------------------------- the token stream
 
 
+def check_text(value: Any, source: str, column: str, row: int | None = None) -> str:
+    """A document's text, or a clear error for a value that is not text (a number, a list, a
+    null), which the tokenizer and the held-out hash would stumble on."""
+    if isinstance(value, str):
+        return value
+    where = f" in row {row}" if row is not None else ""
+    raise ValueError(
+        f"data source '{source}' has a {type(value).__name__} value{where} of its text column '{column}' "
+        f"({str(value)[:40]!r}), where documents must be text: fix those rows, or set data.text_column "
+        "to the column that holds the text"
+    )
+
+
 def is_eval_document(text: str, every: int) -> bool:
     """Deterministic 1-in-`every` held-out split by content hash: the same document is held
     out in every run, on every rank, whatever the order it arrives in."""
@@ -392,7 +405,14 @@ class TokenStream(IterableDataset):
                 if not exhausted:
                     rows = next(source, None)
                     exhausted = rows is None
-                    texts = [t for t in rows["text"] if self._keep(t)] if rows else []
+                    texts = (
+                        [check_text(t, cfg.source_for(self.split), cfg.text_column) for t in rows["text"]]
+                        if rows
+                        else []
+                    )
+                    empty = sum(not t for t in texts)  # no tokens: not a document to train on
+                    texts = [t for t in texts if t and self._keep(t)]
+                    st["empty_docs"] = st.get("empty_docs", 0) + empty
                     if texts:
                         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
                         st["pending"] = [np.array(t + [eos], dtype=np.int32) for t in ids]
@@ -408,9 +428,14 @@ class TokenStream(IterableDataset):
                 break
             if st["epoch_docs"] == 0:
                 if parts == 1:
+                    empty = (
+                        f" ({st['empty_docs']} empty documents, which hold no tokens)"
+                        if st.get("empty_docs")
+                        else ""
+                    )
                     raise ValueError(
-                        f"data source '{cfg.source_for(self.split)}' yielded no {self.split} documents; "
-                        "check that it is not empty, its text column, and data.eval_every"
+                        f"data source '{cfg.source_for(self.split)}' yielded no {self.split} "
+                        f"documents{empty}; check that it is not empty, its text column, and data.eval_every"
                     )
                 return  # a tiny source left this rank or worker without a part
             if self.infinite and cfg.mode == "pack" and whole_epoch and epoch_tokens < cfg.context_length:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from smoltrain.atomic import FolderLock, write_atomic
+from smoltrain.errors import TrainingError
 
 MANIFEST = "manifest.json"
 PROGRESS = "prepare.json"
@@ -119,12 +120,14 @@ def _write_shard(out: str, index: int, texts: list[str], job: dict[str, Any], dt
     from smoltrain.data import is_eval_document
 
     every = job["eval_every"]
+    empty = sum(not t for t in texts)
+    texts = [t for t in texts if t]  # an empty document holds no tokens: nothing to train on
     held_out = [bool(every) and is_eval_document(t, every) for t in texts]
     parts = {
         "train": [t for t, h in zip(texts, held_out, strict=True) if not h],
         "eval": [t for t, h in zip(texts, held_out, strict=True) if h],
     }
-    counts = {"index": index}
+    counts = {"index": index, "empty_documents": empty}
     for split, docs in parts.items():
         tokens, offsets = _tokenize(docs, _worker_tokenizer, dtype, job["tokenize_batch"])
         stem = Path(out) / f"shard-{index:05d}.{split}"
@@ -143,14 +146,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _chunks(job: PrepareJob, done: set[int]) -> Iterator[tuple[int, list[str]]]:
     """(shard index, its documents) in source order; finished shards are read past, not kept."""
-    from smoltrain.data import open_source
+    from smoltrain.data import check_text, open_source
 
     chunk, index = [], 0
     for n, row in enumerate(open_source(job.source, job.text_column, job.txt_documents)):
         index = n // job.shard_documents
         if index in done:
             continue
-        chunk.append(row["text"])
+        chunk.append(check_text(row["text"], job.source, job.text_column, n))
         if len(chunk) == job.shard_documents:
             yield index, chunk
             chunk = []
@@ -287,7 +290,11 @@ def _prepare_locked(
     shards = [done[i] for i in sorted(done)]
     if not shards or sum(s["documents"] + s["eval_documents"] for s in shards) == 0:
         (out / PROGRESS).unlink()  # nothing to resume: the folder is empty again
-        raise ValueError(f"data source '{job.source}' holds no documents; check the path and its text column")
+        empty = sum(s.get("empty_documents", 0) for s in shards)
+        empty = f" ({empty} empty documents, which hold no tokens)" if empty else ""
+        raise ValueError(
+            f"data source '{job.source}' holds no documents{empty}; check the path and its text column"
+        )
     seconds = time.perf_counter() - start
     manifest = {
         **key,
@@ -297,6 +304,7 @@ def _prepare_locked(
         "tokens": sum(s["tokens"] for s in shards),
         "eval_documents": sum(s["eval_documents"] for s in shards),
         "eval_tokens": sum(s["eval_tokens"] for s in shards),
+        "empty_documents": sum(s.get("empty_documents", 0) for s in shards),  # left out
         "shards": shards,
         "prepare_seconds": round(seconds, 3),
         "tokens_per_second": round(new_tokens / seconds) if seconds > 0 else None,
@@ -343,6 +351,47 @@ def open_file_budget(wanted: int) -> int:
     return max(0, min(wanted, (soft - spare - in_use) // 2))  # half: other sources share it
 
 
+def _npy_length(path: Path) -> int:
+    """The length of a 1-D .npy file from its header, checked against the file's size: a
+    header and a stat, not a read of the data."""
+    try:
+        with open(path, "rb") as f:
+            npy = np.lib.format
+            major, _ = npy.read_magic(f)
+            shape, _, dtype = (npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0)(f)
+            data_start = f.tell()
+    except FileNotFoundError:
+        raise TrainingError(f"{path} is missing") from None
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else "empty"
+        raise TrainingError(f"{path} is not a readable .npy file ({reason})") from None
+    expected, size = data_start + int(np.prod(shape)) * dtype.itemsize, path.stat().st_size
+    if size != expected:
+        raise TrainingError(f"{path} is cut short: {size:,} bytes where its header promises {expected:,}")
+    return int(shape[0]) if shape else 0
+
+
+def check_shard_files(folder: Path, shards: list[dict[str, Any]], split: str) -> None:
+    """Every shard file of `split` is whole and holds the tokens and documents the manifest
+    says (a shard cut short failed mid-run; a manifest that claimed more tokens trained on
+    masked rows with a zero gradient)."""
+    prefix = "" if split == "train" else "eval_"
+    fix = f"prepare the folder again (smoltrain prepare SOURCE {folder} --overwrite)"
+    for shard in shards:
+        stem = folder / f"shard-{shard['index']:05d}.{split}"
+        try:
+            tokens = _npy_length(stem.with_name(stem.name + ".npy"))
+            offsets = _npy_length(stem.with_name(stem.name + ".docs.npy"))
+        except TrainingError as e:
+            raise TrainingError(f"prepared data in {folder} is damaged: {e}; {fix}") from None
+        want_tokens, want_documents = shard[f"{prefix}tokens"], shard[f"{prefix}documents"]
+        if tokens != want_tokens or offsets != want_documents + 1:
+            raise TrainingError(
+                f"{stem}.npy holds {tokens:,} tokens and {offsets - 1:,} documents where {MANIFEST} "
+                f"says {want_tokens:,} and {want_documents:,}: the folder was edited or damaged; {fix}"
+            )
+
+
 class ShardSet:
     """One split of a prepared folder as a single token sequence, memory-mapped: the blocks
     of `context_length` tokens it cuts into, with the document starts inside each."""
@@ -350,6 +399,7 @@ class ShardSet:
     def __init__(self, folder: str | Path, split: str, context_length: int) -> None:
         self.folder, self.split, self.T = Path(folder).expanduser(), split, context_length
         self.shards = read_manifest(self.folder)["shards"]
+        check_shard_files(self.folder, self.shards, split)
         sizes = [s["tokens" if split == "train" else "eval_tokens"] for s in self.shards]
         # Each memory map holds a file descriptor, and training draws blocks from all shards at
         # random: reopening maps would cost 10x the throughput (4.6M instead of 50M tokens/s
