@@ -223,3 +223,49 @@ def test_a_document_that_is_not_text_names_the_column(tmp_path, command):
     else:
         result = prepare_cli(str(source), str(tmp_path / "shards"), check=False)
     assert_clean_error(result, "has a int value", "text column 'text'", "data.text_column")
+
+
+def test_a_huge_text_file_is_read_in_bounded_pieces(tmp_path):
+    """A 2 GB .txt was read as one document (8 GB+ before the kill). Now 1 MiB at a time,
+    a document longer than TXT_PIECE cut at line ends: here a 64 MB file in under 25 MB."""
+    import io
+    import tracemalloc
+
+    from smoltrain import data
+
+    line = "the quick brown fox jumps over the lazy dog, " * 3 + "\n"
+    big = tmp_path / "big.txt"
+    big.write_text(line * (64_000_000 // len(line)))
+    tracemalloc.start()
+    lengths = []
+    for document in data._read_txt([str(big)], per_paragraph=False):
+        lengths.append(len(document["text"]))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(lengths) == -(-big.stat().st_size // data.TXT_PIECE) and max(lengths) <= data.TXT_PIECE
+    assert sum(lengths) >= big.stat().st_size - len(lengths)  # only the newlines at the cuts go
+    assert peak < 6 * data.TXT_PIECE, peak  # a few pieces' worth, not the file
+    # paragraphs come out as the whole text split at blank lines did, across 1 MiB reads
+    text = "".join(f"para {i}\n" + "x" * (i * 997 % 5000) + "\n" * (2 + i % 3) for i in range(800))
+    pieces = list(data._txt_documents(io.BytesIO(text.encode()), per_paragraph=True))
+    assert pieces == text.split("\n\n")
+
+
+def test_prepare_caps_its_workers_at_the_cores(tmp_path):
+    """--workers 64 started 64 tokenizer processes (9 GB+, nothing written in 120 s)."""
+    import os
+
+    from .test_data import make_docs, write_jsonl
+    from .test_shards import prepare_cli
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    result = prepare_cli(str(docs), str(tmp_path / "shards"), "--workers", "64")
+    assert f"--workers 64 capped at this machine's {len(os.sched_getaffinity(0))} cores" in result.stderr
+
+
+def test_a_micro_batch_that_cannot_fit_is_refused_before_allocating(tmp_path):
+    """train.micro_batch_size=1000000000 allocated until the kernel killed the process."""
+    args = small_run_args(tmp_path, "run", "train.micro_batch_size=1000000000")
+    result = smoltrain(*args, check=False, timeout=120)
+    assert_clean_error(result, "train.micro_batch_size=1000000000", "GB", "train.grad_accum_steps")
+    assert not (tmp_path / "run/metrics.jsonl").exists()

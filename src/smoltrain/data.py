@@ -13,6 +13,7 @@ exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import hashlib
@@ -157,19 +158,47 @@ def _expand_files(spec: str) -> list[Path]:
     return files
 
 
+TXT_PIECE = 1 << 22  # characters: a longer text document is cut at line ends into pieces this long
+
+
+def _txt_documents(handle, per_paragraph: bool) -> Iterator[str]:
+    """The documents of a binary text file, read 1 MiB at a time: whole (per file) or per
+    blank-line paragraph, and a document longer than `TXT_PIECE` cut at line ends, so that
+    memory stays bounded whatever the file's size (a 2 GB file was one 8 GB document)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    buffer = ""
+    while True:
+        block = handle.read(1 << 20)
+        buffer += decoder.decode(block, final=not block)
+        if per_paragraph:
+            *paragraphs, buffer = buffer.split("\n\n")
+            yield from paragraphs
+        while len(buffer) > TXT_PIECE:
+            cut = buffer.rfind("\n", 0, TXT_PIECE)
+            cut = cut if cut > 0 else TXT_PIECE
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+        if not block:
+            yield buffer
+            return
+
+
 def _read_txt(files: list[str], per_paragraph: bool) -> Iterator[dict[str, str]]:
     skipped = 0
     for name in files:
-        try:
-            text = Path(name).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            skipped += 1
-            log.warning("skipped %s: not UTF-8 (%s); %d file(s) skipped so far", name, e.reason, skipped)
-            continue
-        docs = text.split("\n\n") if per_paragraph else [text]
-        for doc in docs:
-            if doc.strip():
-                yield {"text": doc.strip("\n")}
+        with open(name, "rb") as handle:
+            try:
+                for doc in _txt_documents(handle, per_paragraph):
+                    if doc.strip():
+                        yield {"text": doc.strip("\n")}
+            except UnicodeDecodeError as e:
+                skipped += 1
+                log.warning(
+                    "skipped (the rest of) %s: not UTF-8 (%s); %d file(s) skipped so far",
+                    name,
+                    e.reason,
+                    skipped,
+                )
 
 
 def load_dataset(*args, **kwargs):

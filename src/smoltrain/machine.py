@@ -111,6 +111,53 @@ def estimate_training_memory(
     )
 
 
+def device_memory(device: torch.device) -> float:
+    """Bytes a training process on `device` can have at most: the GPU's memory, or the
+    machine's (or its container's) RAM."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "mps":
+        return float(torch.mps.recommended_max_memory())
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # a container's limit (cgroup v2), when it has one
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return float(total)
+
+
+def check_step_fits(
+    config: ModelConfig,
+    micro_batch: int,
+    context: int,
+    device: torch.device,
+    precision: str,
+    kernels: tuple[str, ...],
+    gradient_checkpointing: bool,
+    shards: int = 1,
+) -> None:
+    """Refuse, before anything is allocated, a step whose estimated memory exceeds all the
+    device has (a micro-batch of 10^9 allocated until the kernel killed the process, with no
+    word). The estimate is `smoltrain env`'s, within about 25%: only a step clearly too big
+    is refused; one that merely may not fit is left to try."""
+    estimate = estimate_training_memory(
+        config, micro_batch, context, device.type, precision, kernels, gradient_checkpointing
+    )
+    sharded = (estimate.weights + estimate.gradients + estimate.optimizer) * (1 - 1 / shards)
+    need, have = estimate.total - sharded, device_memory(device)
+    if need > 1.5 * have:
+        raise ValueError(
+            f"one training step of train.micro_batch_size={micro_batch} x data.context_length={context} "
+            f"needs about {need / GB:,.1f} GB ({precision}; weights, gradients and AdamW "
+            f"{(estimate.weights + estimate.gradients + estimate.optimizer - sharded) / GB:,.1f} GB, "
+            f"activations {(estimate.activations + estimate.loss) / GB:,.1f} GB), and this {device.type} "
+            f"has {have / GB:,.1f} GB: lower train.micro_batch_size (raising train.grad_accum_steps keeps "
+            "the batch) or turn on train.gradient_checkpointing; `smoltrain env --micro-batch B --context T` "
+            "estimates a setting before a run"
+        )
+
+
 def _devices() -> list[dict]:
     found = []
     for index in range(torch.cuda.device_count()):

@@ -19,12 +19,14 @@ resumes at the first shard without its .json.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -225,6 +227,10 @@ def prepare(job: PrepareJob, overwrite: bool = False, progress: bool = True) -> 
 
     if job.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {job.workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if job.workers > cores:  # each holds a tokenizer and its batch: 64 on a small machine took 9 GB
+        print(f"note: --workers {job.workers} capped at this machine's {cores} cores", file=sys.stderr)
+        job = dataclasses.replace(job, workers=cores)
     if job.eval_every == 1 or job.eval_every < 0:
         raise ValueError(f"--eval-every must be 0 (hold nothing out) or at least 2, got {job.eval_every}")
     if job.shard_documents < 1:

@@ -57,6 +57,7 @@ from smoltrain.device import (
 )
 from smoltrain.errors import TrainingError
 from smoltrain.kernels import KERNELS, active_kernels, prepare_for_training
+from smoltrain.machine import check_step_fits
 from smoltrain.metrics import (
     MetricsLog,
     flatten,
@@ -351,6 +352,17 @@ def clear_old_run(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    """A new model's architecture: the preset with its overrides, the vocabulary and special
+    tokens following the tokenizer's."""
+    model_config: ModelConfig = cfg.model.build_config()
+    if "vocab_size" not in cfg.model.overrides:  # the vocabulary follows the tokenizer
+        model_config.vocab_size = -(-len(tokenizer) // 64) * 64  # rows in multiples of 64: faster matmuls
+    model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model_config.pad_token_id = tokenizer.pad_token_id
+    return model_config
+
+
 def build_model(cfg: TrainConfig, tokenizer) -> CustomLLM:
     """From `model.init_from`'s weights (continued pre-training; on resume the checkpoint's
     weights replace them, but the architecture still comes from there) or from scratch."""
@@ -359,12 +371,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> CustomLLM:
     if cfg.model.init_from:
         model = load_model(cfg.model.init_from)
     else:
-        model_config: ModelConfig = cfg.model.build_config()
-        if "vocab_size" not in cfg.model.overrides:  # the vocabulary follows the tokenizer
-            model_config.vocab_size = -(-len(tokenizer) // 64) * 64  # rows in multiples of 64: faster matmuls
-        model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        model_config.pad_token_id = tokenizer.pad_token_id
-        model = CustomLLM(model_config)
+        model = CustomLLM(build_model_config(cfg, tokenizer))
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -548,6 +555,10 @@ def setup_run(
         model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
         model, *optimizers = accelerator.prepare(model, *build_optimizers(model, cfg, device.type))
     raw_model: CustomLLM = accelerator.unwrap_model(model)
+    kernels = tuple(active_kernels(raw_model))
+    context, gc = cfg.data.context_length, t.gradient_checkpointing
+    shards = world if fsdp else 1  # refused before the first step allocates what cannot fit
+    check_step_fits(raw_model.config, t.micro_batch_size, context, device, precision, kernels, gc, shards)
     if cfg.export.gguf:  # a model llama.cpp cannot represent is refused now, not after training
         from smoltrain.gguf_export import check_exportable, check_tokenizer_exportable
 
