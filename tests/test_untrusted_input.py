@@ -269,3 +269,25 @@ def test_a_micro_batch_that_cannot_fit_is_refused_before_allocating(tmp_path):
     result = smoltrain(*args, check=False, timeout=120)
     assert_clean_error(result, "train.micro_batch_size=1000000000", "GB", "train.grad_accum_steps")
     assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["prepare", "convert", "tokenizer"])
+def test_overwrite_never_deletes_files_smoltrain_did_not_write(tmp_path, kind):
+    """--overwrite deleted whatever the folder held, the user's own files included."""
+    from .test_cli_errors import command
+    from .test_data import make_docs, write_jsonl
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    out = tmp_path / "out"
+    out.mkdir()
+    ours = "manifest.json" if kind == "prepare" else "config.json"
+    (out / ours).write_text("{}")  # one of ours beside it
+    (out / "notes.txt").write_text("my notes")
+    before = folder_bytes(out)
+    args = {
+        "prepare": ["prepare", str(docs), str(out), "--no-progress"],
+        "convert": ["convert", "smollm2", str(out)],
+        "tokenizer": ["tokenizer", "train", str(docs), str(out), "--vocab-size", "300"],
+    }[kind]
+    assert_clean_error(command(*args, "--overwrite"), "holds files smoltrain did not write (notes.txt)")
+    assert folder_bytes(out) == before

@@ -147,6 +147,43 @@ def publish_folder(tmp: Path, final: Path, replace: bool = False) -> bool:
     return True
 
 
+# What smoltrain writes into a model or tokenizer folder (and transformers beside it)
+HF_FOLDER_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def foreign_files(folder: Path, ours: tuple[str, ...]) -> list[str]:
+    """Names in `folder` that match none of the patterns of what smoltrain writes there (its
+    staging files and lock included): files a user put there, which --overwrite must not
+    delete."""
+    import fnmatch
+
+    patterns = (*ours, ".*.tmp-*", FolderLock.NAME)
+    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, q) for q in patterns))
+
+
+def refuse_foreign_files(folder: Path, ours: tuple[str, ...], what: str) -> None:
+    foreign = foreign_files(folder, ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"'{folder}' holds files smoltrain did not write ({shown}); --overwrite replaces only "
+            f"{what}: move those files away, or give another folder"
+        )
+
+
 class FolderLock:
     """An exclusive lock on a run's output folder for the run's lifetime: `flock` on
     `folder/.lock`, which the OS releases when the holder exits, however it dies (SIGKILL

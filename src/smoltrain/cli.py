@@ -88,13 +88,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"\n[{count} pieces in {elapsed:.1f}s on {device}]", file=sys.stderr)
 
 
-def check_output_folder(folder: Path, overwrite: bool) -> None:
+def check_output_folder(folder: Path, overwrite: bool, what: str) -> None:
     """A folder a command writes whole: refused when it is a file, or holds files and
-    `overwrite` is off (the command replaces it only once the new one is complete)."""
+    `overwrite` is off, or holds files smoltrain did not write (the command replaces the
+    folder only once the new one is complete)."""
+    from smoltrain.atomic import HF_FOLDER_FILES, refuse_foreign_files
+
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"'{folder}' is a file; this writes a folder: give a folder path")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ValueError(f"folder '{folder}' is not empty; pass --overwrite to replace it, or another folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"folder '{folder}' is not empty; pass --overwrite to replace it, or another folder"
+            )
+        refuse_foreign_files(folder, HF_FOLDER_FILES, what)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -105,7 +112,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     dst = Path(args.dst)
     if dst.suffix == ".gguf":
         return convert_to_gguf(args)
-    check_output_folder(dst, args.overwrite)
+    check_output_folder(dst, args.overwrite, "a model folder")
     dtype = args.dtype or "float32"
     model = load_model(args.src, dtype=_dtype(dtype, "cpu"))
     tokenizer_source = args.tokenizer or own_tokenizer_source(args.src)
@@ -202,7 +209,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from smoltrain.tokenizer import train_tokenizer, training_documents
 
     out = Path(args.out_dir)
-    check_output_folder(out, args.overwrite)
+    check_output_folder(out, args.overwrite, "a tokenizer folder")
     if args.eval_every == 1:
         raise ValueError("--eval-every 1 would hold out every document; use 0 (none held out) or 2 and up")
     start = time.perf_counter()

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from smoltrain.atomic import FolderLock, write_atomic
+from smoltrain.atomic import FolderLock, refuse_foreign_files, write_atomic
 from smoltrain.errors import TrainingError
 
 MANIFEST = "manifest.json"
@@ -181,6 +181,7 @@ def _check_out_dir(out: Path, key: dict[str, Any], overwrite: bool) -> None:
     content = [p for p in out.iterdir() if p.name != FolderLock.NAME]
     if content:
         if overwrite:
+            refuse_foreign_files(out, (MANIFEST, PROGRESS, "shard-*"), "a prepared dataset")
             (out / MANIFEST).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
             for path in content:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
