@@ -291,3 +291,67 @@ def test_overwrite_never_deletes_files_smoltrain_did_not_write(tmp_path, kind):
     }[kind]
     assert_clean_error(command(*args, "--overwrite"), "holds files smoltrain did not write (notes.txt)")
     assert folder_bytes(out) == before
+
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("not_llama", ["model_type 'gpt2' is not supported", "Llama"]),
+        ("yaml_tag", ["override 'optim.lr=!!python/object:os.system x'", "give a plain value"]),
+        ("binary_jsonl", ["is not JSON Lines", "its files: binary.jsonl"]),
+        ("truncated_gguf", ["cut.gguf' is not a whole GGUF file", "export or download it again"]),
+        ("output_is_a_file", ["'afile' is a file", "--output-dir"]),
+        ("config_is_a_folder", ["is a folder; pass a YAML file"]),
+        ("key_of_another_section", ["Did you mean 'optim.lr'?"]),
+        ("kernels_on", ["train.kernels 'on' is unknown"]),
+        ("tokenizer_not_made", ["'runs/nothere' is not a folder here", "make demo"]),
+    ],
+)
+def test_poor_messages_name_the_problem_and_the_fix(tmp_path, monkeypatch, case, words):
+    """Each was a traceback (KeyError, ConstructorError, IndexError) or a message that named
+    neither the file nor the fix ("Invalid value. in row 0", "[Errno 17] File exists")."""
+    from smoltrain.model_io import bundled_gguf_path
+
+    from .test_cli_errors import command
+    from .test_train import REPO
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as offline as CI, wherever it runs
+    train = ["train", "--config", str(REPO / QUICKSTART), "tokenizer=smollm2", "--max-steps", "1"]
+    if case == "not_llama":
+        (tmp_path / "gpt2").mkdir()
+        (tmp_path / "gpt2/config.json").write_text('{"model_type": "gpt2", "n_embd": 64}')
+        args = ["generate", "--model", "gpt2", "--prompt", "hi"]
+    elif case == "yaml_tag":
+        args = [*train, "optim.lr=!!python/object:os.system x"]
+    elif case == "binary_jsonl":
+        (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 2)
+        args = [*train, "data.source=binary.jsonl"]
+    elif case == "truncated_gguf":
+        (tmp_path / "cut.gguf").write_bytes(bundled_gguf_path().read_bytes()[:1000])
+        args = ["generate", "--model", "cut.gguf", "--prompt", "hi"]
+    elif case == "output_is_a_file":
+        (tmp_path / "afile").write_text("")
+        args = [*train, "--output-dir", "afile"]
+    elif case == "config_is_a_folder":
+        args = ["train", "--config", str(tmp_path)]
+    elif case == "key_of_another_section":
+        args = [*train, "train.lr=1e-3"]
+    elif case == "kernels_on":
+        args = [*train, "train.kernels=on"]
+    else:
+        args = [*train[:-3], "tokenizer=runs/nothere", "--max-steps", "1"]
+    assert_clean_error(command(*args), *words)
+
+
+def test_convert_takes_the_common_spellings_of_a_dtype():
+    """`--dtype fp16` was refused while bf16 and fp32 passed."""
+    import torch
+
+    from smoltrain.cli import _dtype
+
+    spellings = {"fp16": torch.float16, "f16": torch.float16, "half": torch.float16, "f32": torch.float32}
+    assert {name: _dtype(name, "cpu") for name in spellings} == spellings

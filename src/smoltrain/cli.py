@@ -7,12 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-DTYPES = {
+DTYPES = {  # the spellings in use: torch's, the short ones, GGUF's
     "float32": "float32",
     "fp32": "float32",
+    "f32": "float32",
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
     "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
 }
 
 

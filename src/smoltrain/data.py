@@ -208,6 +208,17 @@ def load_dataset(*args, **kwargs):
     return datasets.load_dataset(*args, **kwargs)
 
 
+def _check_json_lines(ds, spec: str, files: list[Path]) -> None:
+    try:
+        next(iter(ds.take(1)), None)
+    except ValueError as e:  # pyarrow's ArrowInvalid: "JSON parse error: Invalid value. in row 0"
+        named = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise ValueError(
+            f"data source '{spec}' is not JSON Lines ({str(e).splitlines()[0]}; its files: {named}): "
+            'each line must be one JSON object, such as {"text": "..."}'
+        ) from None
+
+
 def open_source(spec: str, text_column: str = "text", txt_documents: str = "file"):
     """A streaming `datasets.IterableDataset` with one column, `text`."""
     import datasets
@@ -235,6 +246,8 @@ def open_source(spec: str, text_column: str = "text", txt_documents: str = "file
             )
         else:
             ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True)
+            if kind == "json":  # a file that is not JSON Lines fails at the first row: say so now
+                _check_json_lines(ds, spec, files)
     columns = ds.column_names
     if columns is None:  # some streaming builders only know their columns after a first row
         first = next(iter(ds), None)

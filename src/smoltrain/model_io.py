@@ -9,6 +9,9 @@ import hashlib
 import importlib.util
 import json
 import re
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,19 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+@contextmanager
+def reading_gguf(path: Path) -> Iterator[None]:
+    """A truncated or damaged .gguf fails inside the reader with a bare IndexError or "cannot
+    reshape array": say which file and what to do."""
+    try:
+        yield
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(
+            f"'{path}' is not a whole GGUF file ({reason}); it may be cut short: export or download it again"
+        ) from None
+
+
 def resolve_checkpoint(spec: str | Path) -> Path:
     """Turn a model spec into a local path: `smollm2`, a `.gguf` file, a folder, or a hub
     name (downloaded when online)."""
@@ -75,7 +91,15 @@ def resolve_checkpoint(spec: str | Path) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-        return Path(snapshot_download(str(spec), allow_patterns=patterns))
+        try:
+            return Path(snapshot_download(str(spec), allow_patterns=patterns))
+        except Exception as e:  # offline, unknown repository, gated...: one message for all
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise FileNotFoundError(
+                f"'{spec}' is not a folder here, and fetching it from the Hugging Face Hub failed "
+                f"({reason}). A local folder must be made first (the quickstart's tokenizer: `make demo`, "
+                "or `smoltrain tokenizer train`); a hub name needs the network or a cached copy"
+            ) from None
     raise FileNotFoundError(
         f"'{spec}' does not exist: pass a Hugging Face model folder, a .gguf file, "
         f"a hub name like HuggingFaceTB/SmolLM2-135M, or '{BUNDLED_NAME}' for the bundled model"
@@ -107,7 +131,8 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    raw_config = load_gguf_checkpoint(str(path))["config"]
+    with reading_gguf(path):
+        raw_config = load_gguf_checkpoint(str(path))["config"]
     for key in ("rms_norm_eps", "rope_theta"):  # GGUF keeps float32: 1e-5 reads as 9.99999974e-06
         if key in raw_config:
             raw_config[key] = float(str(np.float32(raw_config[key])))

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from smoltrain.atomic import publish_folder, staging_path
-from smoltrain.model_io import BUNDLED_NAME, cached_conversion, resolve_checkpoint
+from smoltrain.model_io import BUNDLED_NAME, cached_conversion, reading_gguf, resolve_checkpoint
 
 
 def _tokenizer_from_hf_json(path: Path):
@@ -16,7 +16,8 @@ def _tokenizer_from_hf_json(path: Path):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    fields = GGUFReader(path).fields
+    with reading_gguf(path):
+        fields = GGUFReader(path).fields
     if Keys.Tokenizer.HF_JSON not in fields:
         return None
     tokens = fields[Keys.Tokenizer.LIST].contents()

@@ -334,6 +334,12 @@ def prepare_output_dir(cfg: TrainConfig, phase: str, overwrite: bool) -> Path:
     """The output folder, refused at init if it holds a run and `overwrite` is off. Nothing
     is removed here: `clear_old_run` does that once everything has been checked."""
     out = Path(cfg.output_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TrainingError(
+            f"output folder '{out}' cannot be made: '{blocking}' is a file; pass another --output-dir "
+            "(or output_dir in the config)"
+        )
     if phase != "resume" and holds_run(out) and not overwrite:
         resume = f"--phase resume --checkpoint {out} to continue it, " if (out / CHECKPOINTS).is_dir() else ""
         raise TrainingError(

@@ -159,6 +159,12 @@ def _explain(e: OmegaConfBaseException) -> str:
             close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
             if close:
                 msg += f" Did you mean '{'.'.join([*path, close[0]])}'?"
+            else:  # the key exists in another section: train.lr is optim.lr
+                elsewhere = [
+                    f"{name}.{leaf}" for name, sub in parent.items() if hasattr(sub, "keys") and leaf in sub
+                ]
+                if elsewhere:
+                    msg += f" Did you mean '{elsewhere[0]}'?"
         except Exception:
             pass
     return msg
@@ -176,21 +182,42 @@ def load_config(
         if base is not None:
             cfg = OmegaConf.merge(cfg, base)
         if path is not None:
+            if Path(path).is_dir():
+                raise ValueError(
+                    f"config '{path}' is a folder; pass a YAML file, such as configs/quickstart.yaml"
+                )
             if not Path(path).is_file():
                 raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
             cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))
+        cfg = OmegaConf.merge(cfg, _read_overrides(overrides or []))
         result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ValueError(f"bad config: {_explain(e)}") from None
     result.model.build_config()  # unknown model overrides fail here, with the nearest key
-    if result.train.kernels in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
-        result.train.kernels = "off"
+    # YAML 1.1 reads a bare off/on (no/yes) as a boolean, which the string field holds as text
+    result.train.kernels = {"False": "off", "false": "off", "True": "on", "true": "on"}.get(
+        result.train.kernels, result.train.kernels
+    )
     check_config(result)
     return result
+
+
+def _read_overrides(overrides: list[str]):
+    import yaml
+
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except yaml.YAMLError as e:
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(
+                f"bad config: override '{override}': {what}; give a plain value (quote text that "
+                "starts with ! or holds a colon and a space)"
+            ) from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def _read_yaml(path: Path):
