@@ -355,3 +355,33 @@ def test_convert_takes_the_common_spellings_of_a_dtype():
 
     spellings = {"fp16": torch.float16, "f16": torch.float16, "half": torch.float16, "f32": torch.float32}
     assert {name: _dtype(name, "cpu") for name in spellings} == spellings
+
+
+def test_silent_surprises_are_said(two_runs, tmp_path):
+    """A resumed finished run trained 50 steps at lr 0.0, a stage past max_steps never ran,
+    --max-new-tokens past the context stopped early: each without a word."""
+    from .test_cli_errors import command
+
+    run, _ = copy_run(two_runs, tmp_path)
+    resumed = smoltrain("--phase", "resume", "--checkpoint", str(run), "resume.extra_steps=2")
+    assert "finished its schedule at step 2" in resumed.stderr and "weights do not change" in resumed.stderr
+    source = f"mixture: [{{source: {tmp_path / 'corpus.jsonl'}}}]"
+    stages = f"data.stages=[{{until_step: 5, {source}}}, {{{source}}}]"
+    staged = smoltrain(*small_run_args(tmp_path, "staged", "--max-steps", "2", stages))
+    assert "data.stages[1] starts after step 5, at or past schedule.max_steps 2: it never" in staged.stderr
+    long = command("generate", "--model", str(run / "final"), "--prompt", "Hi", "--max-new-tokens", "100000")
+    assert long.returncode == 0, long.stderr[-500:]
+    assert "--max-new-tokens 100,000 runs past the model's context" in long.stderr
+
+
+def test_a_mixture_weight_that_is_not_finite_is_refused(tmp_path):
+    """A weight of inf failed deep inside with "cannot convert float NaN to integer"."""
+    corpus = tmp_path / "corpus.jsonl"
+    args = small_run_args(tmp_path, "run", f"data.mixture=[{{source: {corpus}, weight: .inf}}]")
+    assert_clean_error(smoltrain(*args, check=False), "must be a finite number above 0, got inf")
+
+
+def test_latest_pointing_at_a_deleted_step_names_the_newest_intact_one(two_runs, tmp_path):
+    run, step = copy_run(two_runs, tmp_path)
+    (run / "checkpoints/latest").write_text("step-9\n")  # its folder deleted by hand
+    assert_clean_error(resume(run), "points at step-9, which no longer exists", f"--checkpoint {step}")

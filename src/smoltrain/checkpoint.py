@@ -162,6 +162,10 @@ def resolve_checkpoint_dir(spec: str, required: bool = True) -> Path | None:
     if not required:
         return None
     if not path.exists():
+        if Path(spec).resolve() != path.resolve():  # `latest` names a folder that is gone
+            raise TrainingError(
+                f"'{spec}' points at {path.name}, which no longer exists (deleted?); {_older_advice(path)}"
+            )
         raise TrainingError(
             f"checkpoint '{spec}' does not exist; pass a checkpoints/step-N folder or a run folder"
         )

@@ -69,6 +69,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    context, prompt_tokens = model.config.max_position_embeddings, ids.shape[-1]
+    if prompt_tokens >= context:  # said before the prompt is echoed
+        raise ValueError(
+            f"the prompt has {prompt_tokens:,} tokens but the model's context is {context:,}; "
+            "shorten the prompt"
+        )
+    if prompt_tokens + args.max_new_tokens > context:
+        print(
+            f"note: --max-new-tokens {args.max_new_tokens:,} runs past the model's context of {context:,} "
+            f"tokens: at most {context - prompt_tokens:,} follow this {prompt_tokens:,}-token prompt",
+            file=sys.stderr,
+        )
     if not args.chat:
         print(args.prompt, end="", flush=True)
     eos = stop_token_ids(model.config.eos_token_id, tokenizer)

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -110,9 +111,10 @@ class DataConfig:
             if where != "data.mixture" and not mixture:
                 raise ValueError(f"{where} is empty; give each stage at least one source")
             for entry in mixture:
-                if not entry.weight > 0:
+                if not (entry.weight > 0 and math.isfinite(entry.weight)):
                     raise ValueError(
-                        f"{where}: the weight of '{entry.source}' must be above 0, got {entry.weight}"
+                        f"{where}: the weight of '{entry.source}' must be a finite number above 0, "
+                        f"got {entry.weight}"
                     )
             specs = [e.source for e in mixture]
             if len(set(specs)) != len(specs):

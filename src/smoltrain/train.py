@@ -602,6 +602,15 @@ def setup_run(
     if resume and state.step >= cfg.schedule.max_steps:
         end_step = state.step + cfg.resume.extra_steps  # the reference's phase "resume"
         log_every = cfg.resume.log_every
+        if accelerator.is_main_process:
+            still = " (the weights do not change)" if cfg.schedule.past_end_lr == 0 else ""
+            print(
+                f"note: the run finished its schedule at step {state.step}; resuming adds "
+                f"resume.extra_steps={cfg.resume.extra_steps} steps at schedule.past_end_lr="
+                f"{cfg.schedule.past_end_lr}{still}. To train on, raise schedule.max_steps "
+                "(with --allow-config-changes) or branch a cooldown (--phase cooldown)",
+                file=sys.stderr,
+            )
     if stop_at_step is not None:
         end_step = min(end_step, stop_at_step)
 

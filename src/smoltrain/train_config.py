@@ -330,4 +330,12 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
             f"schedule.warmup_steps {s.warmup_steps} >= schedule.max_steps {s.max_steps}: the "
             "learning rate never reaches optim.lr"
         )
+    stages = cfg.data.stages
+    for i in range(1, len(stages)):
+        if stages[i - 1].until_step >= s.max_steps:
+            warnings.append(
+                f"data.stages[{i}] starts after step {stages[i - 1].until_step}, at or past "
+                f"schedule.max_steps {s.max_steps}: it never runs"
+            )
+            break
     return warnings
