@@ -430,6 +430,7 @@ def test_start_summary_names_the_kernels_and_the_process_settings(tmp_path):
         *small_run_args(tmp_path, "off", "--max-steps", "1", "train.kernels=off", "train.tune_malloc=false")
     )
     assert "kernels     none (the plain model)" in result.stdout
+    assert "device      cpu (one process), precision" in result.stdout  # was "cpu (NO)"
     assert "process     as started" in result.stdout
     result = smoltrain(*small_run_args(tmp_path, "bad", "train.kernels=fast"), check=False)
     assert (

@@ -385,3 +385,10 @@ def test_latest_pointing_at_a_deleted_step_names_the_newest_intact_one(two_runs,
     run, step = copy_run(two_runs, tmp_path)
     (run / "checkpoints/latest").write_text("step-9\n")  # its folder deleted by hand
     assert_clean_error(resume(run), "points at step-9, which no longer exists", f"--checkpoint {step}")
+
+
+def test_weight_files_are_as_readable_as_the_others(two_runs):
+    """model.safetensors was 0600 (safetensors' own mode) beside 0644 files."""
+    for folder in (two_runs / "small/final", two_runs / "small/checkpoints/step-2"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+        assert modes["model.safetensors"] == modes["config.json"], modes

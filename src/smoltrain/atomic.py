@@ -23,6 +23,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMOLTRAIN_CACHE") or default).expanduser()
 
 
+def plain_permissions(path: Path) -> None:
+    """The permissions a plain open() gives (0644 under the usual umask): safetensors makes
+    its files 0600, unreadable to the colleague the other files are shared with."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -96,6 +104,7 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], objec
         else:
             content(tmp)
         _fsync(tmp)
+        plain_permissions(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)  # the rename itself
     except Exception as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from smoltrain.atomic import plain_permissions
 from smoltrain.errors import TrainingError
 from smoltrain.model import CustomLLM
 
@@ -95,6 +96,7 @@ def save_training_state(model, optimizer, folder: Path, is_main: bool, tied: boo
         skip = "lm_head.weight" if tied else None
         model_state = {k: v.contiguous() for k, v in model_state.items() if k != skip}
         save_file(model_state, folder / "model.safetensors", metadata={"format": "pt"})
+        plain_permissions(folder / "model.safetensors")
         torch.save(optim_state, folder / "optimizer.pt")
 
 

@@ -677,7 +677,7 @@ def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
         f"process(es) x {cfg.data.context_length} tokens = {run.tokens_per_step:,} tokens/step",
         "steps": f"{run.state.step} -> {run.end_step} (schedule: {cfg.schedule.kind}, "
         f"{cfg.schedule.max_steps} steps, peak lr {cfg.optim.lr:g})",
-        "device": f"{acc.device} ({acc.distributed_type.value}), precision {run.precision} "
+        "device": f"{acc.device} ({_parallelism(acc, run.fsdp)}), precision {run.precision} "
         f"({run.precision_reason})",
         "kernels": "; ".join(f"{k} ({KERNELS[k][2]})" for k in kernels) or "none (the plain model)",
         "process": "; ".join(process_tweaks) or "as started",
@@ -685,6 +685,13 @@ def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
         "data": f"{describe_data(cfg.data)} ({cfg.data.mode}), tokenizer {cfg.tokenizer}",
         "output": cfg.output_dir,
     }
+
+
+def _parallelism(accelerator, fsdp: bool) -> str:
+    """Accelerate's distributed type in words ("NO" read as a failure)."""
+    if accelerator.num_processes == 1:
+        return "one process"
+    return f"{accelerator.num_processes} processes, " + ("FSDP2" if fsdp else "DDP")
 
 
 # ----------------------------------------------------------------------- the loop
