@@ -392,3 +392,18 @@ def test_weight_files_are_as_readable_as_the_others(two_runs):
     for folder in (two_runs / "small/final", two_runs / "small/checkpoints/step-2"):
         modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
         assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_a_tokenizer_asked_for_more_than_its_corpus_holds_says_what_it_got(tmp_path):
+    """10,000,000 tokens asked of one short document: 276 given, without a word."""
+    import json
+
+    from .test_cli_errors import command
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "a single short document"}) + "\n")
+    result = command(
+        "tokenizer", "train", str(one), str(tmp_path / "tok"), "--vocab-size", "10000000", "--eval-every", "0"
+    )
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "note: asked for 10,000,000 tokens, the corpus gave" in result.stderr

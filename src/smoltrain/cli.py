@@ -237,6 +237,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
         f"trained a {len(tokenizer):,}-token byte-level BPE tokenizer in {time.perf_counter() - start:.0f}s "
         f"-> {out}; use it with tokenizer: {out} in a config (the model's vocabulary follows it)"
     )
+    if len(tokenizer) < args.vocab_size:  # BPE stops when no pair is left to merge
+        print(
+            f"note: asked for {args.vocab_size:,} tokens, the corpus gave {len(tokenizer):,}: it holds no "
+            "more pairs worth merging (give it more text for a larger vocabulary)",
+            file=sys.stderr,
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
