@@ -77,6 +77,7 @@ def test_a_failed_start_leaves_no_run_that_blocks_the_rerun(tmp_path):
     was refused ("already holds a run")."""
     failed = smoltrain(*small_run_args(tmp_path, "run", "data.context_length=100000"), check=False)
     assert_clean_error(failed, "context")
+    assert not (tmp_path / "run").exists()  # nor a lock file in a folder made for nothing
     rerun = smoltrain(*small_run_args(tmp_path, "run", "--max-steps", "2"))
     assert "done: step 2" in rerun.stdout
 

@@ -1098,7 +1098,18 @@ def train(
 ) -> dict[str, Any]:
     """Run phase `init` (from scratch or `model.init_from`) or `resume` (from `checkpoint`).
     Returns a summary (final losses, time, paths)."""
-    run = setup_run(cfg, phase, checkpoint, stop_at_step, overwrite)
+    out = Path(cfg.output_dir)
+    fresh, had_lock = not out.exists(), (out / FolderLock.NAME).exists()
+    try:
+        run = setup_run(cfg, phase, checkpoint, stop_at_step, overwrite)
+    except BaseException:
+        # a failed start leaves the folder as it found it: no lock file, no empty folder
+        if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
+            if not had_lock:
+                (out / FolderLock.NAME).unlink(missing_ok=True)
+            if fresh and not any(out.iterdir()):
+                out.rmdir()
+        raise
     if cfg.log.eval_at_start and run.state.step == 0:
         evaluate_and_log(run)
         run.start_eval_loss = run.last["eval_loss"]
