@@ -367,8 +367,11 @@ def test_silent_surprises_are_said(two_runs, tmp_path):
     assert "finished its schedule at step 2" in resumed.stderr and "weights do not change" in resumed.stderr
     source = f"mixture: [{{source: {tmp_path / 'corpus.jsonl'}}}]"
     stages = f"data.stages=[{{until_step: 5, {source}}}, {{{source}}}]"
-    staged = smoltrain(*small_run_args(tmp_path, "staged", "--max-steps", "2", stages))
+    staged = smoltrain(
+        *small_run_args(tmp_path, "staged", "--max-steps", "2", stages, "log.progress_bar=true")
+    )
     assert "data.stages[1] starts after step 5, at or past schedule.max_steps 2: it never" in staged.stderr
+    assert "step/s" not in staged.stderr  # a pipe gets no progress bar
     long = command("generate", "--model", str(run / "final"), "--prompt", "Hi", "--max-new-tokens", "100000")
     assert long.returncode == 0, long.stderr[-500:]
     assert "--max-new-tokens 100,000 runs past the model's context" in long.stderr

@@ -652,7 +652,8 @@ def setup_run(
         bar=tqdm(
             total=end_step,
             initial=state.step,
-            disable=not (accelerator.is_main_process and cfg.log.progress_bar),
+            # a log file or a pipe gets the log lines alone, not a bar redrawn into it
+            disable=not (accelerator.is_main_process and cfg.log.progress_bar and sys.stdout.isatty()),
             unit="step",
             dynamic_ncols=True,
         ),

@@ -101,7 +101,7 @@ class LogConfig:
     keep_checkpoints: int = 3  # older step-N folders are removed
     trackers: list[str] = field(default_factory=list)  # any of: wandb, tensorboard
     project: str = "smoltrain"  # tracker project name
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal only (a pipe or a log file gets the log lines)
 
 
 @dataclass
