@@ -1,6 +1,7 @@
 import pytest
 
 from smoltrain.atomic import publish_folder, write_atomic
+from smoltrain.errors import TrainingError
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
@@ -11,8 +12,9 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
         p.write_text("half of the new")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(TrainingError, match="could not write state.json: no space left on the device") as e:
         write_atomic(path, failing_writer)
+    assert "MB free on the filesystem at" in str(e.value) and "previous version is intact" in str(e.value)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
     write_atomic(path, b"new\n")
