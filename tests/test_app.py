@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,10 @@ def server():
             if proc.poll() is not None:
                 raise RuntimeError(proc.stdout.read()) from None
             time.sleep(0.5)
-    yield url
+    log: list[str] = []  # the server's output, read as it comes (a full pipe would stall it)
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    yield url, log
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -87,10 +91,11 @@ def browser():
 
 
 def test_page_streams_the_greedy_continuation(server, browser, smollm2, smollm2_tokenizer, tmp_path):
+    url, _ = server
     prompt = "Gravity is"
     want = expected(smollm2, smollm2_tokenizer, prompt, CONTINUE, **{**GREEDY, "max_new_tokens": 128})
     page = browser.new_page()
-    page.goto(server)
+    page.goto(url)
     page.get_by_label(CONTINUE).check()
     page.locator("#prompt textarea").fill(prompt)
     assert "134,515,008 parameters" in page.locator("#model-info").inner_text()
@@ -111,18 +116,22 @@ def test_page_streams_the_greedy_continuation(server, browser, smollm2, smollm2_
     assert (tmp_path / "app.png").stat().st_size > 10_000
 
 
-def test_empty_prompt_shows_a_message(server, browser):
+def test_empty_prompt_shows_a_message_and_logs_one_line(server, browser):
+    url, log = server
     page = browser.new_page()
-    page.goto(server)
+    page.goto(url)
     page.locator("#generate").click()
     page.get_by_text("Enter a prompt first.").first.wait_for(timeout=30_000)
+    time.sleep(0.5)
+    assert "rejected a request: Enter a prompt first.\n" in log
+    assert not any("Traceback" in line for line in log), "".join(log)
 
 
 def test_four_concurrent_requests_all_answered(server, smollm2, smollm2_tokenizer):
     from gradio_client import Client
 
     prompts = ["The ocean is", "Python is a language", "My favourite food", "In 1492,"]
-    client = Client(server, verbose=False)
+    client = Client(server[0], verbose=False)
     args = [GREEDY[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")]
     with ThreadPoolExecutor(4) as pool:
         jobs = [pool.submit(client.predict, p, CONTINUE, *args, api_name="/generate") for p in prompts]
@@ -136,10 +145,28 @@ def test_bad_requests_get_messages(server):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    client = Client(server, verbose=False)
+    client = Client(server[0], verbose=False)
     with pytest.raises(AppError, match="Enter a prompt first"):
         client.predict("   ", CHAT, 10, 0.0, 50, 1.0, 1.1, api_name="/generate")
     with pytest.raises(AppError, match="reads at most 8,192"):
         client.predict("word " * 9000, CONTINUE, 10, 0.0, 50, 1.0, 1.1, api_name="/generate")
     with pytest.raises(AppError, match="maximum value 2"):
         client.predict("hi", CONTINUE, 10, 5.0, 50, 1.0, 1.1, api_name="/generate")
+
+
+def test_the_stats_count_the_tokens_generated_not_the_text_retokenized(
+    tiny_model, smollm2_tokenizer, monkeypatch
+):
+    """Re-tokenizing the reply counted 56 "tokens" for a limit of 48 (and overstated
+    tokens/s): a generation's own ids are what it generated, special ones included."""
+    import torch
+
+    from smoltrain import generate
+
+    words = smollm2_tokenizer(" one two three", add_special_tokens=False)["input_ids"]
+    special = smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>")  # prints nothing
+    ids = [*words, special, special, *words]
+    monkeypatch.setattr(generate, "stream_generate", lambda *a, **k: (torch.tensor([i]) for i in ids))
+    *_, (text, stats) = stream_reply(tiny_model, smollm2_tokenizer, "Count", CONTINUE, **GREEDY)
+    assert text == " one two three one two three"
+    assert stats.startswith(f"{len(ids)} tokens ·"), stats  # re-tokenized: 6

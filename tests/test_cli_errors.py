@@ -1,6 +1,8 @@
 """Bad input through the CLI, as a user hits it: a one-paragraph error naming the key and the
 fix, no traceback, exit code non-zero, and nothing written before is touched."""
 
+import json
+
 import pytest
 
 from .test_train import metric_rows, small_run_args, smoltrain
@@ -127,8 +129,12 @@ def test_convert_refuses_a_file_and_a_full_folder_without_overwrite(tmp_path):
     (folder / "keep.txt").write_text("mine")
     assert_clean_error(command("convert", "smollm2", str(folder)), "not empty", "--overwrite")
     assert folder_bytes(folder) == {"keep.txt": b"mine"}
+    # --overwrite replaces a model folder, never the user's own files in it
+    assert_clean_error(command("convert", "smollm2", str(folder), "--overwrite"), "keep.txt")
+    (folder / "keep.txt").rename(tmp_path / "keep.txt")
+    (folder / "config.json").write_text("{}")  # an older conversion's
     assert command("convert", "smollm2", str(folder), "--overwrite").returncode == 0
-    assert (folder / "model.safetensors").is_file() and not (folder / "keep.txt").exists()
+    assert (folder / "model.safetensors").is_file() and json.loads((folder / "config.json").read_text())
 
 
 def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_one_frees_it(tmp_path):

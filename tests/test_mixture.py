@@ -155,7 +155,7 @@ def test_bad_mixtures_are_clear_errors(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", words_docs(["a", "b"], 20, 0))
     one = mixture_override((corpus, 1))
     cases = [
-        ("data.mixture=" + mixture_override((corpus, 0)), "must be above 0"),
+        ("data.mixture=" + mixture_override((corpus, 0)), "must be a finite number above 0"),
         ("data.mixture=" + mixture_override((corpus, 1), (corpus, 2)), "names a source twice"),
         ("data.stages=[{mixture: []}]", "is empty"),
         (

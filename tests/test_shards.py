@@ -273,3 +273,16 @@ def test_stop_and_resume_from_shards_is_bitwise(tmp_path):
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert list(resumed) == list(range(1, 9))
     assert all(straight[s] == resumed[s] for s in range(1, 9)), (straight, resumed)
+
+
+def test_the_tokenizer_identity_ignores_padding_settings():
+    """tokenizer(texts, padding=True) writes its padding into the tokenizer's definition: the
+    same tokenizer then hashed differently, and prepared data was refused (by test order)."""
+    from smoltrain.shards import tokenizer_identity
+    from smoltrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    before = tokenizer_identity(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer(["a", "bb cc"], padding=True, truncation=True, max_length=4)
+    assert tokenizer_identity(tokenizer) == before

@@ -410,3 +410,43 @@ def test_a_tokenizer_asked_for_more_than_its_corpus_holds_says_what_it_got(tmp_p
     )
     assert result.returncode == 0, result.stderr[-1000:]
     assert "note: asked for 10,000,000 tokens, the corpus gave" in result.stderr
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path):
+    """gradio's error came after 15 s of loading, with advice for its Python API."""
+    import socket
+
+    from .test_cli_errors import command
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # a model that is not there: the port is checked first, or this would be the error
+        result = command("serve", "--port", str(port), "--model", str(tmp_path / "no-model"))
+    assert_clean_error(result, f"port {port} on 127.0.0.1 is not free", "--port")
+
+
+def test_an_unwritable_cache_folder_is_named_at_once(tmp_path):
+    """It was named nowhere, 20-40 s into a run, when the first measurement was stored."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "SMOLTRAIN_CACHE": str(blocker / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "smoltrain", "env"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert_clean_error(result, f"the cache folder {blocker / 'cache'} ($SMOLTRAIN_CACHE) is not writable")
+
+
+def test_data_errors_come_before_the_model_is_loaded(tmp_path):
+    """A missing data file was said after SmolLM2 had loaded (8-10 s)."""
+    from .test_train import REPO
+
+    config = str(REPO / "configs/continue-smollm2.yaml")
+    args = ["--config", config, "--output-dir", str(tmp_path / "run"), f"data.source={tmp_path}/nope.jsonl"]
+    result = smoltrain(*args, "model.init_from=" + str(tmp_path / "no-model"), check=False)
+    assert_clean_error(result, "nope.jsonl")  # not the missing model: data came first

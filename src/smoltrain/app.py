@@ -4,12 +4,13 @@ repository root runs it as a Hugging Face Space."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from smoltrain.device import inference_dtype
-from smoltrain.generate import prepare_for_generation, stream_text
+from smoltrain.generate import prepare_for_generation, stream_pieces
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model
 from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
@@ -80,8 +81,8 @@ def stream_reply(
     greedy = temperature == 0
     start = time.perf_counter()
     first = None
-    text = ""
-    for piece in stream_text(
+    text, new_tokens = "", 0
+    for piece in stream_pieces(
         model,
         tokenizer,
         ids,
@@ -94,10 +95,11 @@ def stream_reply(
         eos_token_id=eos,
     ):
         first = first or time.perf_counter() - start
-        text += piece
-        yield text, ""
+        new_tokens += 1  # counted as generated: re-tokenizing the text counted 56 for a limit of 48
+        if piece:
+            text += piece
+            yield text, ""
     elapsed = time.perf_counter() - start
-    new_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
     rate = new_tokens / max(elapsed - (first or 0), 1e-9) if new_tokens > 1 else 0.0
     stats = f"{new_tokens} tokens · first token {1000 * (first or 0):.0f} ms · {rate:.1f} tokens/s"
     yield text, stats
@@ -128,7 +130,9 @@ def build_app(
                 limits,
             )
         except ValueError as e:
-            raise gr.Error(str(e)) from None
+            # the page shows the message; the server's log gets one line, not a traceback
+            print(f"rejected a request: {e}", file=sys.stderr, flush=True)
+            raise gr.Error(str(e), print_exception=False) from None
 
     with gr.Blocks(title=f"smoltrain · {name}") as demo:
         context = model.config.max_position_embeddings

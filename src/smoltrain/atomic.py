@@ -31,6 +31,23 @@ def plain_permissions(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def check_cache_dir() -> None:
+    """The cache folder is writable, or one message says so at once (it was named nowhere,
+    20-40 s into a run, when the first converted model or measurement was stored)."""
+    import tempfile
+
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        set_by = "$SMOLTRAIN_CACHE" if os.environ.get("SMOLTRAIN_CACHE") else "the default"
+        raise TrainingError(
+            f"the cache folder {path} ({set_by}) is not writable ({e.strerror}); point SMOLTRAIN_CACHE "
+            "at a folder you can write"
+        ) from None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

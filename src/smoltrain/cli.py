@@ -281,10 +281,26 @@ def _limit(value: str) -> float:
     return number
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A busy port, said before the model loads (gradio said it 15 s later, with advice for
+    its Python API)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(
+                f"port {port} on {host} is not free ({e.strerror}); pass another with --port, or stop "
+                "what holds it"
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from smoltrain.app import build_app
     from smoltrain.device import pick_device
 
+    check_port_free(args.host, args.port)
     demo = build_app(args.model, args.tokenizer, device=pick_device(args.device), compile=args.compile)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
 
@@ -495,9 +511,11 @@ def main(argv: list[str] | None = None) -> None:
             from smoltrain.perf import relaunch_with_lean_malloc
 
             relaunch_with_lean_malloc()  # needs a fresh process: glibc reads it at start-up
+    from smoltrain.atomic import check_cache_dir
     from smoltrain.errors import TrainingError
 
     try:
+        check_cache_dir()
         args.func(args)
     except (ValueError, OSError, TrainingError) as e:
         # Errors at the edges carry a message that names the fix; a traceback adds nothing.

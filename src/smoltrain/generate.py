@@ -233,17 +233,24 @@ def generate(model: CustomLLM, input_ids: torch.Tensor, **kwargs) -> torch.Tenso
     return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
 
 
-def stream_text(model: CustomLLM, tokenizer, input_ids: torch.Tensor, **kwargs) -> Iterator[str]:
-    """Yield the decoded continuation of one prompt piece by piece. The whole continuation is
-    decoded each time, so tokens that only form a character together (a byte-level BPE
-    splits emoji and accents) are printed once complete."""
+def stream_pieces(model: CustomLLM, tokenizer, input_ids: torch.Tensor, **kwargs) -> Iterator[str]:
+    """Yield the new text each generated token completes ("" when it completes none), once per
+    token, so a caller counts tokens by what was generated, not by re-tokenizing the text.
+    The whole continuation is decoded each time: tokens that only form a character together
+    (a byte-level BPE splits emoji and accents) show once complete."""
     new_ids: list[int] = []
     shown = ""
     for token in stream_generate(model, input_ids, **kwargs):
         new_ids.append(int(token[0]))
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue  # an incomplete UTF-8 sequence: wait for the next token
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
+        if text.endswith("\ufffd") or len(text) <= len(shown):
+            yield ""  # an incomplete UTF-8 sequence, or a token that prints nothing
+            continue
+        yield text[len(shown) :]
+        shown = text
+
+
+def stream_text(model: CustomLLM, tokenizer, input_ids: torch.Tensor, **kwargs) -> Iterator[str]:
+    """Yield the decoded continuation of one prompt piece by piece (`stream_pieces` without
+    its empty pieces)."""
+    return (piece for piece in stream_pieces(model, tokenizer, input_ids, **kwargs) if piece)

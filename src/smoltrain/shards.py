@@ -58,7 +58,17 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
     """What makes token ids mean the same: a hash of the tokenizer's full definition (its
     `tokenizer.json`), its EOS id and size. Two specs naming the same tokenizer match."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        # without the padding and truncation a call like tokenizer(texts, padding=True) leaves
+        # in the definition: they change no id (the same tokenizer hashed two ways, by test order)
+        definition = Tokenizer.from_str(backend.to_str())
+        definition.no_padding()
+        definition.no_truncation()
+        text = definition.to_str()
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return {
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "eos_token_id": tokenizer.eos_token_id,

@@ -552,6 +552,8 @@ def setup_run(
     tokenizer = load_tokenizer(cfg.tokenizer)
     accum = grad_accum_steps(cfg, world)
     fsdp = t.fsdp and world > 1
+    # data errors need no model: said before one is built or loaded (seconds for SmolLM2)
+    check_data_at_start(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
     if fsdp:
         if precision == "fp16":
             raise TrainingError("train.fsdp with fp16 is not supported; use bf16 (or fp32)")
@@ -585,7 +587,6 @@ def setup_run(
         samples_per_step=sequences_per_step,
     )
 
-    check_data_at_start(cfg, tokenizer, accelerator, sequences_per_step)
     if cfg.eval.tasks:  # lm-eval installed, every task known: said now, not at the first benchmark
         from smoltrain.benchmarks import check_tasks
 
