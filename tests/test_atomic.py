@@ -1,3 +1,5 @@
+import errno
+
 import pytest
 
 from smoltrain.atomic import publish_folder, write_atomic
@@ -33,3 +35,28 @@ def test_publish_folder_replaces_or_keeps_the_winner(tmp_path):
     (second / "f.txt").write_text("second")
     assert publish_folder(second, final, replace=True)
     assert (final / "f.txt").read_text() == "second"
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is used up"),
+        (OSError(errno.EROFS, "Read-only file system"), "the filesystem is read-only"),
+        (OSError(errno.EACCES, "Permission denied"), "no permission to write there"),
+        (OSError(errno.EIO, "Input/output error"), "an I/O error on the device"),
+        (RuntimeError("Error while serializing: No space left on device (os error 28)"), "no space left"),
+    ],
+)
+def test_every_way_a_write_fails_is_one_message_and_leaves_no_staging_file(tmp_path, error, words):
+    """ENOSPC, EDQUOT, EROFS, EACCES and EIO, as OSError or in safetensors' words, from any
+    writer (GGUF, JSON, plots and shards all write through write_atomic)."""
+
+    def failing_writer(p):
+        p.write_bytes(b"partial")
+        raise error
+
+    with pytest.raises(TrainingError, match=f"could not write out.bin: {words}") as e:
+        write_atomic(tmp_path / "out.bin", failing_writer)
+    assert "MB free on the filesystem at" in str(e.value) and "nothing was written" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
