@@ -372,3 +372,15 @@ def test_dataloader_workers_and_ranks_read_every_document_exactly_once(tmp_path,
             for row in StatefulDataLoader(stream, batch_size=None, num_workers=workers):
                 seen[smollm2_tokenizer.decode(row["input_ids"][:-1])] += 1
         assert seen == Counter(docs), (world, workers, len(seen), sum(seen.values()))
+
+
+def test_pad_mode_leaves_the_runs_tokenizer_as_it_was(corpus, smollm2_tokenizer):
+    """make_collate set the shared tokenizer's pad token and side, which checkpoints then saved."""
+    import copy
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.pad_token, tokenizer.padding_side = None, "left"
+    cfg = DataConfig(source=str(corpus), context_length=32, mode="pad", shuffle_buffer=0, eval_every=NEVER)
+    batch = next(iter(build_loader(cfg, tokenizer, batch_size=4)))
+    assert batch["input_ids"].shape[0] == 4
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "left"

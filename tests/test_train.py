@@ -547,3 +547,14 @@ def test_the_held_out_set_is_read_once_per_run(tmp_path, monkeypatch):
     evals = [r["eval_loss"] for r in metric_rows(tmp_path / "py") if "eval_loss" in r]
     # one read by the start-up data check, one for all three evals (before: one per eval)
     assert len(evals) == 3 and opened.count("eval") == 2, opened
+
+
+def test_overwrite_clears_what_a_run_writes_and_nothing_else(tmp_path):
+    """RUN_FILES listed run.json, which nothing writes, and missed a cooldown's branches.png."""
+    from smoltrain.train import RUN_FILES, clear_old_run
+
+    for name in RUN_FILES:
+        (tmp_path / name).write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    clear_old_run(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and "branches.png" in RUN_FILES

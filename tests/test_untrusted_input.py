@@ -375,6 +375,9 @@ def test_silent_surprises_are_said(two_runs, tmp_path):
     long = command("generate", "--model", str(run / "final"), "--prompt", "Hi", "--max-new-tokens", "100000")
     assert long.returncode == 0, long.stderr[-500:]
     assert "--max-new-tokens 100,000 runs past the model's context" in long.stderr
+    too_long = command("generate", "--model", str(run / "final"), "--prompt", "word " * 5000)
+    assert_clean_error(too_long, "tokens but the model's context is", "shorten the prompt")
+    assert too_long.stdout == ""  # refused before the 25 kB prompt was echoed
 
 
 def test_a_mixture_weight_that_is_not_finite_is_refused(tmp_path):

@@ -14,6 +14,7 @@ exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import codecs
+import copy
 import functools
 import glob
 import hashlib
@@ -556,6 +557,7 @@ def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]],
     if cfg.mode == "pad":
         from transformers import DataCollatorForLanguageModeling
 
+        tokenizer = copy.deepcopy(tokenizer)  # its own: the run's tokenizer (saved with checkpoints) stays
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"

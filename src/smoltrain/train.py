@@ -318,7 +318,8 @@ def agree_on_config(cfg: TrainConfig, accelerator) -> TrainConfig:
     return agreed
 
 
-RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "final.gguf", "loss.png", "run.json")
+# every file and folder a run writes into its output folder: what --overwrite removes
+RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "final.gguf", "loss.png", "branches.png")
 
 
 def holds_run(out: Path) -> bool:
