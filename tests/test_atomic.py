@@ -60,3 +60,17 @@ def test_every_way_a_write_fails_is_one_message_and_leaves_no_staging_file(tmp_p
         write_atomic(tmp_path / "out.bin", failing_writer)
     assert "MB free on the filesystem at" in str(e.value) and "nothing was written" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_staged_folder_is_published_whole_or_not_at_all(tmp_path):
+    from smoltrain.atomic import staged_folder
+
+    final = tmp_path / "final"
+    with staged_folder(final) as folder:
+        (folder / "config.json").write_text("old")
+    with pytest.raises(ValueError, match="not a write failure"):  # any other error: as it was
+        with staged_folder(final) as folder:
+            (folder / "config.json").write_text("new")
+            raise ValueError("not a write failure")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no staging folder left
+    assert (final / "config.json").read_text() == "old"

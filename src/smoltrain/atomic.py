@@ -147,6 +147,8 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous version is intact" if final.exists() else "nothing was written"
         cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ else e  # from write_atomic
+        if write_failure(cause, final) is None:
+            raise
         raise_write_failure(cause, final, f"{kept}; free space (or fix the permissions) and run it again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
