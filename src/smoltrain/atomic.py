@@ -141,6 +141,7 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     tmp = staging_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
         publish_folder(tmp, final, replace=True)
     except Exception as e:
