@@ -85,6 +85,8 @@ def write_failure(e: BaseException, path: str | Path) -> str | None:
     """What a failed write of `path` means, in words, with the filesystem and its free space;
     None when `e` is no write failure. safetensors and torch.save do not raise OSError:
     safetensors names the OS error's number, torch.save's message never says "disk"."""
+    if isinstance(e, TrainingError) and e.__cause__ is not None:  # write_atomic's, raised through
+        e = e.__cause__
     code = getattr(e, "errno", None) if isinstance(e, OSError) else None
     found = re.search(r"os error (\d+)", str(e))
     if code is None and found:
@@ -103,7 +105,8 @@ def raise_write_failure(e: BaseException, path: str | Path, advice: str) -> None
     failure = write_failure(e, path)
     if failure is None:
         raise e
-    raise TrainingError(f"could not write {Path(path).name}: {failure}; {advice}") from e
+    cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ is not None else e
+    raise TrainingError(f"could not write {Path(path).name}: {failure}; {advice}") from cause
 
 
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
@@ -124,8 +127,7 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], objec
         plain_permissions(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)  # the rename itself
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
+    except Exception as e:  # `finally` removes the staging file
         kept = "the previous version is intact" if path.exists() else "nothing was written"
         raise_write_failure(e, path, f"{kept}; free space (or fix the permissions) and run it again")
     finally:
@@ -144,13 +146,9 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
         tmp.mkdir(parents=True)
         yield tmp
         publish_folder(tmp, final, replace=True)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:  # `finally` removes the staging folder
         kept = "the previous version is intact" if final.exists() else "nothing was written"
-        cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ else e  # from write_atomic
-        if write_failure(cause, final) is None:
-            raise
-        raise_write_failure(cause, final, f"{kept}; free space (or fix the permissions) and run it again")
+        raise_write_failure(e, final, f"{kept}; free space (or fix the permissions) and run it again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -115,8 +115,7 @@ def save_checkpoint(
             write_atomic(root / "latest", final.name + "\n")
             prune_checkpoints(root, cfg.log.keep_checkpoints)
     except Exception as e:
-        cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ else e
-        failure = write_failure(cause, tmp)
+        failure = write_failure(e, tmp)
         if failure is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would keep the disk full
