@@ -148,6 +148,7 @@ def generate(args) -> dict:
         model = load_model(folder, dtype=dtype, device=args.device)
         params = model.num_parameters()  # before repacking; a tied weight counted once
         model = prepare_for_generation(model, compile=args.compile)
+        linears = type(model.layers[0].mlp.down_proj).__name__  # the linears it chose
 
         def run(n):
             return model.generate(ids, max_new_tokens=n, eos_token_id=[])
@@ -157,6 +158,7 @@ def generate(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         model.generation_config.eos_token_id = None  # exactly n tokens, as ours with eos_token_id=[]
         params = model.num_parameters()
+        linears = "Linear"
 
         def run(n):
             return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2)
@@ -188,6 +190,7 @@ def generate(args) -> dict:
         "bandwidth": statistics.median(bandwidths),
         "peak_memory_mb": _peak_memory_mb(args.device),
         "tokens": out[0, ids.shape[1] :].tolist(),
+        "linears": linears,
     }
 
 

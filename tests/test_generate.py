@@ -8,6 +8,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from smoltrain import generate as generate_module
 from smoltrain.generate import (
     decode_step,
     generate,
@@ -16,6 +17,7 @@ from smoltrain.generate import (
     stream_generate,
     stream_text,
 )
+from smoltrain.kernels import decode
 from smoltrain.kernels.decode import PackedLLM, ReductionLinear, onednn_linear_works, pack
 from smoltrain.model import CustomLLM
 from smoltrain.model_io import load_model, save_model
@@ -62,11 +64,39 @@ def test_real_smollm2_greedy_equals_transformers(smollm2, smollm2_tokenizer):
     assert a.tolist() == b.tolist()
 
 
+def test_onednn_linears_only_where_timed_faster(monkeypatch):
+    """On CPU the oneDNN linears are used where timing one layer's weights at one row shows
+    them faster, and the model is left as it is where not; the timing compares the two."""
+    model = CustomLLM(micro_config())
+    weights = generate_module.layer_weights(model)
+    assert [w.shape for w in weights] == [
+        (
+            model.config.hidden_size + 2 * model.config.num_key_value_heads * model.config.head_dim,
+            model.config.hidden_size,
+        ),
+        model.layers[0].self_attn.o_proj.weight.shape,
+        (2 * model.config.intermediate_size, model.config.hidden_size),
+        model.layers[0].mlp.down_proj.weight.shape,
+    ]
+    rows = [torch.ones(1, 1, w.shape[1]) for w in weights]
+    assert decode.seconds_per_pass([decode.OneDNNLinear(w) for w in weights], rows, repeats=3) > 0
+    timed = iter([1.0, 2.0, 1.0, 1.05])  # oneDNN's pass, then F.linear's, per call
+    monkeypatch.setattr(decode, "seconds_per_pass", lambda linears, rows: next(timed))
+    assert decode.onednn_linear_pays(weights)  # 1.1 x 1.0 < 2.0
+    assert not decode.onednn_linear_pays(weights)  # within 10%: not worth a copy of the weights
+    for pays in (True, False):
+        monkeypatch.setattr(generate_module, "onednn_linear_pays", lambda weights, pays=pays: pays)
+        prepared = prepare_for_generation(CustomLLM(micro_config()))
+        assert isinstance(prepared, PackedLLM) == pays and not prepared.training
+        assert not any(p.requires_grad for p in prepared.parameters())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path):
+def test_prepared_model_generates_what_the_plain_one_does(dtype, tmp_path, monkeypatch):
     """prepare_for_generation (oneDNN linears, merged q/k/v and gate/up) changes speed only:
     same logits up to rounding, same greedy tokens in fp32, batched and padded too."""
     torch.manual_seed(0)
+    monkeypatch.setattr(generate_module, "onednn_linear_pays", lambda weights: True)  # timed on its own
     plain = first_layers(load_model("smollm2", dtype=dtype), 4)  # SmolLM2's weights, quicker
     prepared = prepare_for_generation(first_layers(load_model("smollm2", dtype=dtype), 4))
     if not onednn_linear_works(dtype):  # a CPU without bf16 units has no oneDNN bf16 linear
@@ -110,7 +140,7 @@ def test_static_cache_steps_equal_the_growing_cache(sliding_window):
     assert torch.equal(generate(model, ids, **args), growing)
 
 
-def test_compiled_decode_generates_what_the_plain_one_does(tmp_path):
+def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch):
     """prepare_for_generation(compile=True): the same greedy tokens in fp32, batched and
     padded, and one compiled graph serves generations of other lengths."""
     from torch._dynamo.utils import counters
@@ -129,7 +159,8 @@ def test_compiled_decode_generates_what_the_plain_one_does(tmp_path):
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
     with pytest.raises(ValueError, match="prepare_for_generation"):
         save_model(compiled, tmp_path / "out")
-    with pytest.raises(ValueError, match="without compile=True"):
+    monkeypatch.setattr(generate_module, "onednn_linear_pays", lambda weights: True)
+    with pytest.raises(ValueError, match="without compile=True"):  # packed for oneDNN already
         prepare_for_generation(prepare_for_generation(load_model("smollm2")), compile=True)
 
 
@@ -216,11 +247,8 @@ def test_the_compiled_decode_path_reuses_one_cache_per_shape(micro_model):
     recorded on its buffers' addresses, so a fresh cache per request re-recorded them every
     time. (The step runs eagerly here: the same path, without compiling.) Reuse changes no
     token: stale keys of the last request are masked."""
-    from smoltrain.generate import decode_step, prepare_for_generation
-
     reference = [micro_model.generate(torch.tensor([p]), max_new_tokens=6) for p in ([5, 6, 7], [9, 3])]
-    model = prepare_for_generation(micro_model)
-    model.decode_step = decode_step
+    model = pack(micro_model, ReductionLinear, decode_step)  # as compile=True does, uncompiled
     made = []
     real = model.decode_cache
     model.decode_cache = lambda *a, **k: made.append(real(*a, **k)) or made[-1]

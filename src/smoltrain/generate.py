@@ -1,8 +1,8 @@
 """Text generation with a KV cache: batched prompts with left padding, greedy or sampled,
 stopping at EOS per row, as a stream of tokens or all at once. `prepare_for_generation`
 makes a model faster for inference (the modules of `smoltrain.kernels.decode`): oneDNN
-linears on CPU, or, with compile=True, a decode step of fixed shapes (a cache of fixed
-capacity) that torch.compile captures once."""
+linears on CPU where they pay, or, with compile=True, a decode step of fixed shapes (a cache
+of fixed capacity) that torch.compile captures once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from collections.abc import Iterator
 
 import torch
 
-from smoltrain.kernels.decode import OneDNNLinear, PackedLLM, ReductionLinear, onednn_linear_works, pack
+from smoltrain.kernels.decode import (
+    OneDNNLinear,
+    PackedLLM,
+    ReductionLinear,
+    onednn_linear_pays,
+    onednn_linear_works,
+    pack,
+)
 from smoltrain.model import CustomLLM, KVCache
 
 
@@ -40,8 +47,10 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM
     """Turn a model into an inference-only one, in place (a `PackedLLM`, see
     `smoltrain.kernels.decode`): eval mode, no gradients, q/k/v and gate/up each merged into
     one matmul, and
-    - by default, on CPU, every linear computed by oneDNN (`OneDNNLinear`): decoding is
-      1.5-2.4x faster than transformers' generate (bench/RESULTS.md), at any batch size;
+    - by default, on CPU, every linear computed by oneDNN (`OneDNNLinear`) where a short
+      timing of one layer's weights shows it faster at one row than `F.linear` (on some
+      hosts batch-1 decoding is then 1.6x transformers' speed, on others it would be 0.7x:
+      there the model stays as it is);
     - with `compile=True` (CPU or CUDA), every decode step after the prompt run by
       `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`): at
       batch 1 on CPU another 2x, at the price of compiling (20-40 s, once per batch size
@@ -60,9 +69,19 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM
             decode_step, fullgraph=True, dynamic=False, **decode_compile_mode(model.device.type)
         )
         return pack(model, ReductionLinear, step)
-    if model.device.type == "cpu" and onednn_linear_works(model.dtype):
+    on_cpu = model.device.type == "cpu"
+    if on_cpu and onednn_linear_works(model.dtype) and onednn_linear_pays(layer_weights(model)):
         return pack(model, OneDNNLinear)
     return model
+
+
+def layer_weights(model: CustomLLM) -> list[torch.Tensor]:
+    """The first layer's weights as `pack` merges them: what one decode step reads per layer."""
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    with torch.no_grad():
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return [qkv, attn.o_proj.weight, gate_up, mlp.down_proj.weight]
 
 
 def decode_compile_mode(device_type: str) -> dict[str, str]:

@@ -5,6 +5,8 @@ one-query attention for the compiled decode step. `pack` turns a `CustomLLM` int
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 
 import torch
@@ -50,6 +52,30 @@ def onednn_linear_works(dtype: torch.dtype) -> bool:
             return torch.allclose(OneDNNLinear(probe.weight)(x), probe(x), rtol=1e-2, atol=1e-2)
     except (RuntimeError, AttributeError):
         return False
+
+
+def onednn_linear_pays(weights: list[torch.Tensor]) -> bool:
+    """Whether `OneDNNLinear` multiplies one row by these weights (one layer's, as packed)
+    at least 10% faster than `F.linear` on this machine, timed here in a few ms: which one
+    wins at one row differs between CPUs and hosts (oneDNN was 1.6x faster on one AVX-512
+    host, 0.7x on another and on AVX2; docs/performance.md)."""
+    rows = [torch.ones(1, 1, w.shape[1], dtype=w.dtype) for w in weights]
+    plain = [functools.partial(F.linear, weight=w.detach()) for w in weights]
+    onednn = [OneDNNLinear(w) for w in weights]
+    return 1.1 * seconds_per_pass(onednn, rows) < seconds_per_pass(plain, rows)
+
+
+def seconds_per_pass(linears: list[Callable], rows: list[torch.Tensor], repeats: int = 30) -> float:
+    """The fastest of `repeats` passes of each row through its linear, after a warm-up."""
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            for linear, row in zip(linears, rows, strict=True):
+                linear(row)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return best
 
 
 class ReductionLinear(nn.Module):
