@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from smoltrain.config import get_preset
 from smoltrain.device import ISA_SETTINGS, choose_precision, cpu_info, measure_peak_flops, native_flags
+from smoltrain.model.config import get_preset
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 from bench import worker
-from smoltrain.data import DataConfig, build_loader, open_source
-from smoltrain.shards import PrepareJob, prepare
+from smoltrain.data.config import DataConfig
+from smoltrain.data.loader import build_loader
+from smoltrain.data.shards import PrepareJob, prepare
+from smoltrain.data.sources import open_source
 from smoltrain.tokenizer import load_tokenizer
 
 SETTINGS = {  # name: (model preset, micro-batch, context, autocast bf16)

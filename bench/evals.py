@@ -24,9 +24,9 @@ TASKS = ["arc_easy_local", "hellaswag_local", "piqa_local"]
 
 
 def run_ours(folder: Path, tasks_dir: Path, batch_size: int, dtype: torch.dtype) -> tuple[float, dict]:
-    from smoltrain.benchmarks import SmolLM, evaluate_tasks
+    from smoltrain.evaluation.benchmarks import SmolLM, evaluate_tasks
+    from smoltrain.formats.model_io import load_model
     from smoltrain.generate import prepare_for_generation
-    from smoltrain.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer
 
     start = time.perf_counter()  # loading counts: `smoltrain eval` loads the model too
@@ -39,7 +39,7 @@ def run_ours(folder: Path, tasks_dir: Path, batch_size: int, dtype: torch.dtype)
 def run_theirs(folder: Path, tasks_dir: Path, batch_size: int, dtype: torch.dtype) -> tuple[float, dict]:
     import lm_eval
 
-    from smoltrain.benchmarks import task_manager
+    from smoltrain.evaluation.benchmarks import task_manager
 
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
@@ -54,8 +54,8 @@ def run_theirs(folder: Path, tasks_dir: Path, batch_size: int, dtype: torch.dtyp
 
 
 def main() -> None:
-    from smoltrain.benchmarks import scores
-    from smoltrain.model_io import load_model, save_model
+    from smoltrain.evaluation.benchmarks import scores
+    from smoltrain.formats.model_io import load_model, save_model
     from smoltrain.tokenizer import load_tokenizer
     from tests.lm_eval_tasks import write_tasks
 
@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, tasks_dir = Path(tmp) / "smollm2-hf", write_tasks(Path(tmp) / "tasks", copies=args.copies)
         save_model(load_model("smollm2"), folder, load_tokenizer("smollm2"))
-        from smoltrain.benchmarks import task_manager
+        from smoltrain.evaluation.benchmarks import task_manager
 
         task_manager(str(tasks_dir))  # lm-eval's task index, built once for both sides (~5 s)
         times: dict[str, list[float]] = {"ours": [], "theirs": []}

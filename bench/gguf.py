@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smoltrain.generate import generate
+
 PROMPTS = [
     "Gravity is the force that",
     "def fibonacci(n):",
@@ -37,8 +39,8 @@ def relative_error(theirs: torch.Tensor, ours: torch.Tensor) -> float:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from smoltrain.gguf_export import gguf_dtype, write_gguf
-    from smoltrain.model_io import load_model
+    from smoltrain.formats.gguf import gguf_dtype, write_gguf
+    from smoltrain.formats.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(
@@ -56,7 +58,7 @@ def main() -> None:
         reference[prompt] = (
             ids,
             logits,
-            ours.generate(ids, max_new_tokens=args.tokens)[0, ids.shape[1] :].tolist(),
+            generate(ours, ids, max_new_tokens=args.tokens)[0, ids.shape[1] :].tolist(),
         )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smoltrain.config import get_preset
 from smoltrain.device import peak_flops, sync
+from smoltrain.generate import generate
+from smoltrain.model.config import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CONFIG = REPO / "configs/smollm2-135m-cosmopedia-gpu.yaml"
@@ -134,8 +135,8 @@ def sdpa_kernels(device: str, dry: bool) -> list[str]:
     """The aten SDPA kernels a training forward and backward of the 135M model dispatch."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from smoltrain.kernels import prepare_for_training
     from smoltrain.model import CustomLLM
+    from smoltrain.model.kernels import prepare_for_training
 
     names = set()
 
@@ -158,7 +159,7 @@ def sdpa_kernels(device: str, dry: bool) -> list[str]:
 def chunked_loss_errors(device: str, dry: bool) -> dict:
     """Relative error of the chunked loss and its gradients against F.cross_entropy on the
     whole logits, in each precision (autocast), with the GradScaler's initial scale."""
-    from smoltrain.kernels.chunked_loss import chunked_linear_cross_entropy
+    from smoltrain.model.kernels.chunked_loss import chunked_linear_cross_entropy
 
     n, hidden_size = (512, 64) if dry else (8192, 576)
     torch.manual_seed(0)
@@ -247,8 +248,8 @@ def _time_steps(step, device: str, repeats: int) -> float:
 def document_mask(device: str, dry: bool) -> dict:
     """Forward + backward with document masking against none (135M, bf16), and the block
     mask's gradients against the dense mask's (FlexAttention's backward runs on CUDA only)."""
-    from smoltrain.kernels import prepare_for_training
     from smoltrain.model import CustomLLM
+    from smoltrain.model.kernels import prepare_for_training
 
     preset, B, T = ("tiny", 2, 64) if dry else ("smollm2-135m", 8, 2048)
     torch.manual_seed(0)
@@ -377,8 +378,9 @@ def sync_count(device: str, dry: bool, out: Path) -> dict:
     intended sync, the logged loss). Each sync's call site is kept for the report."""
     import warnings
 
-    from smoltrain.train import setup_run, train_step
-    from smoltrain.train_config import load_config
+    from smoltrain.train.config import load_config
+    from smoltrain.train.setup import setup_run
+    from smoltrain.train.step import train_step
 
     overrides = [
         "data.source=builtin:python-docs",
@@ -456,7 +458,7 @@ def sample_after_bf16_step(device: str, dry: bool, out: Path) -> dict:
 
 def resume_with_more_rng_states(device: str, dry: bool) -> dict:
     """An RNG file saved the old way, with the states of 8 GPUs, restored where fewer are."""
-    from smoltrain.checkpoint import rng_state, set_rng_state
+    from smoltrain.train.checkpoint import rng_state, set_rng_state
 
     state = rng_state()
     if device == "cuda":
@@ -472,8 +474,8 @@ def compiled_document_masks(device: str, dry: bool) -> dict:
     recompiles over steps whose documents differ."""
     import torch._dynamo
 
-    from smoltrain.kernels import prepare_for_training
     from smoltrain.model import CustomLLM
+    from smoltrain.model.kernels import prepare_for_training
 
     preset, B, T = ("tiny", 2, 64) if dry else ("smollm2-135m", 4, 2048)
     toy = {"num_hidden_layers": 1, "vocab_size": 512} if dry else {}  # dry: less to compile
@@ -527,7 +529,7 @@ def decode_graph_records(device: str, dry: bool) -> dict:
     counts = []
     prompt = torch.randint(0, 1000, (1, 16), device=device)
     for _ in range(3):
-        model.generate(prompt, max_new_tokens=8 if dry else 64)
+        generate(model, prompt, max_new_tokens=8 if dry else 64)
         stats = torch._dynamo.utils.counters
         counts.append(
             {
@@ -553,9 +555,9 @@ def lm_eval_items(device: str, dry: bool) -> dict:
 def gpu_config_memory(device: str, dry: bool) -> dict:
     """Peak memory of one step of the GPU config at its micro-batch, against `smoltrain env`'s
     estimate for it."""
-    from smoltrain.kernels import choose_kernels
-    from smoltrain.machine import estimate_training_memory
-    from smoltrain.train_config import load_config
+    from smoltrain.model.kernels import choose_kernels
+    from smoltrain.train.config import load_config
+    from smoltrain.train.machine import estimate_training_memory
 
     cfg = load_config(str(GPU_CONFIG), small_model_overrides(dry))
     batch, context = cfg.train.micro_batch_size, cfg.data.context_length
@@ -592,8 +594,8 @@ def gpu_config_memory(device: str, dry: bool) -> dict:
 def muon_step_time(device: str, dry: bool) -> dict:
     """Time of one optimizer step, AdamW alone against Muon + AdamW, on the 135M model."""
     from smoltrain.model import CustomLLM
-    from smoltrain.train import build_optimizers
-    from smoltrain.train_config import load_config
+    from smoltrain.train.config import load_config
+    from smoltrain.train.optim import build_optimizers
 
     model = CustomLLM(get_preset("tiny" if dry else "smollm2-135m")).to(device)
     for p in model.parameters():

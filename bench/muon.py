@@ -57,7 +57,7 @@ def main() -> None:
         for lr in args.muon_lrs.split(","):
             overrides = ["optim.name=muon", f"optim.muon_lr={lr}"]
             results[("muon", lr)] = run(Path(tmp) / f"muon-{lr}", overrides, args.eval_every, args.steps)
-    from smoltrain.train_config import load_config
+    from smoltrain.train.config import load_config
 
     quickstart_lr = load_config(str(REPO / "configs/quickstart.yaml")).optim.lr
     baseline = next(r for (name, lr), r in results.items() if name == "adamw" and float(lr) == quickstart_lr)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from smoltrain.config import get_preset
 from smoltrain.device import measure_peak_flops, sync
-from smoltrain.hf import hf_state_dict
-from smoltrain.kernels import prepare_for_training
+from smoltrain.formats.hf import hf_state_dict
 from smoltrain.model import CustomLLM
+from smoltrain.model.config import get_preset
+from smoltrain.model.kernels import prepare_for_training
 from smoltrain.perf import keep_freed_memory, relaunch_with_lean_malloc
 
 PROMPT = "The future of AI is"
@@ -131,7 +131,7 @@ def first_layers(folder: Path, layers: int) -> Path:
 
 
 def generate(args) -> dict:
-    from smoltrain.model_io import _gguf_as_hf_folder, bundled_gguf_path
+    from smoltrain.formats.model_io import _gguf_as_hf_folder, bundled_gguf_path
     from smoltrain.tokenizer import load_tokenizer
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -142,8 +142,8 @@ def generate(args) -> dict:
     ids = tokenizer([PROMPT] * args.batch, return_tensors="pt")["input_ids"].to(args.device)
     if args.impl == "ours":
         keep_freed_memory()
+        from smoltrain.formats.model_io import load_model
         from smoltrain.generate import prepare_for_generation
-        from smoltrain.model_io import load_model
 
         model = load_model(folder, dtype=dtype, device=args.device)
         params = model.num_parameters()  # before repacking; a tied weight counted once
@@ -151,7 +151,7 @@ def generate(args) -> dict:
         linears = type(model.layers[0].mlp.down_proj).__name__  # the linears it chose
 
         def run(n):
-            return model.generate(ids, max_new_tokens=n, eos_token_id=[])
+            return generate(model, ids, max_new_tokens=n, eos_token_id=[])
     else:
         from transformers import AutoModelForCausalLM
 

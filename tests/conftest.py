@@ -4,9 +4,9 @@ import tempfile
 import pytest
 import torch
 
-from smoltrain.config import ModelConfig, get_preset
 from smoltrain.device import ISA_SETTINGS
 from smoltrain.model import CustomLLM
+from smoltrain.model.config import ModelConfig, get_preset
 
 # Kernels torch.compile cached while torch was held to another instruction set (the AVX2
 # setting of docs/performance.md) crashed or computed garbage when loaded without it, and
@@ -53,7 +53,7 @@ def smollm2():
     """The bundled SmolLM2-135M-Instruct, ours and transformers' own GGUF loading of it."""
     from transformers import AutoModelForCausalLM
 
-    from smoltrain.model_io import bundled_gguf_path, load_model
+    from smoltrain.formats.model_io import bundled_gguf_path, load_model
 
     path = bundled_gguf_path()
     ours = load_model("smollm2")

@@ -35,6 +35,6 @@ class CountHostSyncs(TorchDispatchMode):
 
 def reads_cost_a_sync(monkeypatch) -> None:
     """Make the kernels take their device path: as on a GPU, no host read is free."""
-    from smoltrain.kernels import chunked_loss
+    from smoltrain.model.kernels import chunked_loss
 
     monkeypatch.setattr(chunked_loss, "host_reads_are_free", lambda device: False)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from smoltrain.cli import main
-
-from .conftest import micro_config
+from smoltrain.formats.model_io import save_model
+from smoltrain.generate import generate
+from tests.conftest import micro_config
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -17,18 +18,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("flags", [[], ["--compile"]])
 def test_generate_cli_streams_the_greedy_continuation(flags, tmp_path, smollm2_tokenizer):
-    from smoltrain.config import get_preset
     from smoltrain.model import CustomLLM
+    from smoltrain.model.config import get_preset
 
     torch.manual_seed(0)
     model = CustomLLM(get_preset("tiny", num_hidden_layers=2)).eval()
-    model.save_pretrained(tmp_path, tokenizer=smollm2_tokenizer)
+    save_model(model, tmp_path, tokenizer=smollm2_tokenizer)
     args = ["--model", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "8", *flags]
     result = run_cli("generate", *args)
     assert result.returncode == 0, result.stderr
     ids = smollm2_tokenizer("Hello world", return_tensors="pt")["input_ids"]
     expected = smollm2_tokenizer.decode(
-        model.generate(ids, max_new_tokens=8)[0, ids.shape[1] :], skip_special_tokens=True
+        generate(model, ids, max_new_tokens=8)[0, ids.shape[1] :], skip_special_tokens=True
     )
     assert result.stdout.rstrip("\n") == "Hello world" + expected.rstrip("\n")
 
@@ -46,7 +47,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     torch.manual_seed(0)
     from smoltrain.model import CustomLLM
 
-    CustomLLM(micro_config()).save_pretrained(tmp_path / "m")
+    save_model(CustomLLM(micro_config()), tmp_path / "m")
     result = run_cli(
         "generate",
         "--model",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from .test_train import metric_rows, small_run_args, smoltrain
+from tests.train.test_train import metric_rows, small_run_args, smoltrain
 
 
 def folder_bytes(folder) -> dict[str, bytes]:
@@ -263,7 +263,7 @@ def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     import subprocess
     import sys
 
-    from .test_train import losses, small_vocabulary
+    from tests.train.test_train import losses, small_vocabulary
 
     script = tmp_path / "poison.py"
     script.write_text(POISON)

@@ -15,7 +15,7 @@ from smoltrain.device import (
     measure_peak_flops,
 )
 from smoltrain.generate import decode_compile_mode
-from smoltrain.kernels import choose_kernels
+from smoltrain.model.kernels import choose_kernels
 from smoltrain.perf import cpu_training_tweaks
 
 
@@ -154,9 +154,9 @@ def test_process_group_timeout_and_mps_loss_chunks(tmp_path):
     """Ranks wait in a collective while rank 0 writes a checkpoint (a 1.7B FSDP one is ~20 GB):
     the process group's timeout is a setting (60 minutes by default). On an Apple GPU the
     loss's logits chunks are sized for memory it shares with the system, not CUDA's 1 GiB."""
-    from smoltrain.kernels.chunked_loss import default_chunk_size
-    from smoltrain.train import setup_accelerator
-    from smoltrain.train_config import load_config
+    from smoltrain.model.kernels.chunked_loss import default_chunk_size
+    from smoltrain.train.config import load_config
+    from smoltrain.train.setup import setup_accelerator
 
     cfg = load_config(None, ["train.dist_timeout_minutes=90", "train.device=cpu", f"output_dir={tmp_path}"])
     accelerator = setup_accelerator(cfg)

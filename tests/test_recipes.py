@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from smoltrain.config import get_preset
+from smoltrain.model.config import get_preset
 from smoltrain.tokenizer import SPECIAL_TOKENS, load_tokenizer
-from smoltrain.train_config import load_config
-
-from .test_cli_errors import assert_clean_error, command
-from .test_gguf import TEXT, llama_cpp
-from .test_train import REPO, metric_rows, small_run_args, smoltrain, write_corpus
+from smoltrain.train.config import load_config
+from tests.formats.test_gguf import TEXT, llama_cpp
+from tests.test_cli_errors import assert_clean_error, command
+from tests.train.test_train import REPO, metric_rows, small_run_args, smoltrain, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_a_trained_tokenizer_round_trips_and_is_deterministic(trained):
 
 
 def test_held_out_documents_do_not_train_the_tokenizer(tmp_path):
-    from smoltrain.data import is_eval_document
+    from smoltrain.data.sources import is_eval_document
     from smoltrain.tokenizer import training_documents
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n=300)
@@ -168,7 +167,7 @@ def test_make_demo_trains_the_tokenizer_first():
 
 
 def test_a_cooldown_branch_leaves_its_run_untouched_and_resumes_exactly(tmp_path):
-    from .test_cli_errors import folder_bytes
+    from tests.test_cli_errors import folder_bytes
 
     wsd = ["schedule.kind=wsd", "schedule.warmup_steps=2", "--max-steps", "12", "log.checkpoint_every=6"]
     smoltrain(*small_run_args(tmp_path, "run", *wsd, "log.eval_every=3", "log.log_every=1"))
@@ -198,7 +197,7 @@ def test_a_cooldown_branch_leaves_its_run_untouched_and_resumes_exactly(tmp_path
         "7",
     )
     smoltrain("--phase", "resume", "--checkpoint", other)
-    from .test_train import losses
+    from tests.train.test_train import losses
 
     assert losses(tmp_path / "again") == losses(branch)
     result = smoltrain("--phase", "cooldown", "--checkpoint", step6, "--steps", "4", check=False)

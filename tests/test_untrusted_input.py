@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from .test_cli_errors import assert_clean_error, folder_bytes
-from .test_train import small_run_args, smoltrain
+from tests.test_cli_errors import assert_clean_error, folder_bytes
+from tests.train.test_train import small_run_args, smoltrain
 
 
 class RunsCode:
@@ -96,7 +96,8 @@ import shutil, sys
 from collections import namedtuple
 import numpy as np
 from safetensors import SafetensorError
-from smoltrain import model_io, parallel
+from smoltrain.formats import model_io
+from smoltrain.train import parallel
 from smoltrain.cli import main
 
 def disk_full(*args, **kwargs):
@@ -142,7 +143,7 @@ def test_a_full_disk_while_exporting_final_keeps_the_checkpoint_and_leaves_no_ha
 
 
 def test_a_full_disk_while_preparing_shards_leaves_no_staging_file(tmp_path):
-    from .test_data import make_docs, write_jsonl
+    from tests.data.test_data import make_docs, write_jsonl
 
     docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
     out = tmp_path / "shards"
@@ -166,8 +167,8 @@ def test_a_damaged_prepared_folder_is_named_at_start_up(tmp_path, damage, words)
     gave an EOFError traceback."""
     import json
 
-    from .test_data import make_docs, write_jsonl
-    from .test_shards import prepare_in_process
+    from tests.data.test_data import make_docs, write_jsonl
+    from tests.data.test_shards import prepare_in_process
 
     docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(200))
     shards = tmp_path / "shards"
@@ -190,14 +191,14 @@ def test_a_source_of_empty_documents_is_refused_and_empties_are_counted(tmp_path
     """50 x {"text": ""} with a separate eval source trained on end-of-text tokens, exit 0."""
     import json
 
-    from .test_data import make_docs, write_jsonl
+    from tests.data.test_data import make_docs, write_jsonl
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(50)))
     docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(40))
     args = small_run_args(tmp_path, "run", f"data.source={empty}", f"data.eval_source={docs}")
     assert_clean_error(smoltrain(*args, check=False), "yielded no train documents", "50 empty documents")
-    from .test_shards import prepare_cli
+    from tests.data.test_shards import prepare_cli
 
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(empty.read_text() + docs.read_text())
@@ -214,7 +215,7 @@ def test_a_document_that_is_not_text_names_the_column(tmp_path, command):
     """A number in the text column was an "'int' object has no attribute 'encode'" traceback."""
     import json
 
-    from .test_shards import prepare_cli
+    from tests.data.test_shards import prepare_cli
 
     source = tmp_path / "numbers.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a document", 17, "another"]))
@@ -231,7 +232,7 @@ def test_a_huge_text_file_is_read_in_bounded_pieces(tmp_path):
     import io
     import tracemalloc
 
-    from smoltrain import data
+    from smoltrain.data import sources as data
 
     line = "the quick brown fox jumps over the lazy dog, " * 3 + "\n"
     big = tmp_path / "big.txt"
@@ -255,8 +256,8 @@ def test_prepare_caps_its_workers_at_the_cores(tmp_path):
     """--workers 64 started 64 tokenizer processes (9 GB+, nothing written in 120 s)."""
     import os
 
-    from .test_data import make_docs, write_jsonl
-    from .test_shards import prepare_cli
+    from tests.data.test_data import make_docs, write_jsonl
+    from tests.data.test_shards import prepare_cli
 
     docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
     result = prepare_cli(str(docs), str(tmp_path / "shards"), "--workers", "64")
@@ -274,8 +275,8 @@ def test_a_micro_batch_that_cannot_fit_is_refused_before_allocating(tmp_path):
 @pytest.mark.parametrize("kind", ["prepare", "convert", "tokenizer"])
 def test_overwrite_never_deletes_files_smoltrain_did_not_write(tmp_path, kind):
     """--overwrite deleted whatever the folder held, the user's own files included."""
-    from .test_cli_errors import command
-    from .test_data import make_docs, write_jsonl
+    from tests.data.test_data import make_docs, write_jsonl
+    from tests.test_cli_errors import command
 
     docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
     out = tmp_path / "out"
@@ -313,10 +314,9 @@ QUICKSTART = "configs/quickstart.yaml"
 def test_poor_messages_name_the_problem_and_the_fix(tmp_path, monkeypatch, case, words):
     """Each was a traceback (KeyError, ConstructorError, IndexError) or a message that named
     neither the file nor the fix ("Invalid value. in row 0", "[Errno 17] File exists")."""
-    from smoltrain.model_io import bundled_gguf_path
-
-    from .test_cli_errors import command
-    from .test_train import REPO
+    from smoltrain.formats.model_io import bundled_gguf_path
+    from tests.test_cli_errors import command
+    from tests.train.test_train import REPO
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as offline as CI, wherever it runs
@@ -360,7 +360,7 @@ def test_convert_takes_the_common_spellings_of_a_dtype():
 def test_silent_surprises_are_said(two_runs, tmp_path):
     """A resumed finished run trained 50 steps at lr 0.0, a stage past max_steps never ran,
     --max-new-tokens past the context stopped early: each without a word."""
-    from .test_cli_errors import command
+    from tests.test_cli_errors import command
 
     run, _ = copy_run(two_runs, tmp_path)
     resumed = smoltrain("--phase", "resume", "--checkpoint", str(run), "resume.extra_steps=2")
@@ -404,7 +404,7 @@ def test_a_tokenizer_asked_for_more_than_its_corpus_holds_says_what_it_got(tmp_p
     """10,000,000 tokens asked of one short document: 276 given, without a word."""
     import json
 
-    from .test_cli_errors import command
+    from tests.test_cli_errors import command
 
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"text": "a single short document"}) + "\n")
@@ -419,7 +419,7 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path):
     """gradio's error came after 15 s of loading, with advice for its Python API."""
     import socket
 
-    from .test_cli_errors import command
+    from tests.test_cli_errors import command
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -447,7 +447,7 @@ def test_an_unwritable_cache_folder_is_named_at_once(tmp_path):
 
 def test_data_errors_come_before_the_model_is_loaded(tmp_path):
     """A missing data file was said after SmolLM2 had loaded (8-10 s)."""
-    from .test_train import REPO
+    from tests.train.test_train import REPO
 
     config = str(REPO / "configs/continue-smollm2.yaml")
     args = ["--config", config, "--output-dir", str(tmp_path / "run"), f"data.source={tmp_path}/nope.jsonl"]

@@ -1,4 +1,4 @@
-"""A Gradio text-generation app: any model `CustomLLM.from_pretrained` reads, streamed token
+"""A Gradio text-generation app: any model `load_model` reads, streamed token
 by token through the KV-cache generator. `smoltrain serve` runs it locally; `app.py` at the
 repository root runs it as a Hugging Face Space."""
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smoltrain.device import inference_dtype
+from smoltrain.formats.model_io import load_model
 from smoltrain.generate import prepare_for_generation, stream_pieces
-from smoltrain.model import CustomLLM
-from smoltrain.model_io import load_model
+from smoltrain.model.model import CustomLLM
 from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
 CONTINUE, CHAT = "Continue text", "Chat"

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from smoltrain.formats.model_io import save_model
+
 DTYPES = {  # the spellings in use: torch's, the short ones, GGUF's
     "float32": "float32",
     "fp32": "float32",
@@ -58,8 +60,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
+    from smoltrain.formats.model_io import load_model
     from smoltrain.generate import prepare_for_generation, stream_text
-    from smoltrain.model_io import load_model
     from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
 
     check_generate_args(args)
@@ -122,7 +124,7 @@ def check_output_folder(folder: Path, overwrite: bool, what: str) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from smoltrain.atomic import staged_folder
-    from smoltrain.model_io import load_model
+    from smoltrain.formats.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
     dst = Path(args.dst)
@@ -135,7 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     # written beside and renamed over: never old and new files mixed, never half a folder
     with staged_folder(dst) as tmp:
-        model.save_pretrained(tmp, tokenizer=tokenizer)
+        save_model(model, tmp, tokenizer=tokenizer)
     print(
         f"wrote {args.dst}: {model.num_parameters():,} parameters, {dtype}"
         f"{', with tokenizer' if tokenizer else ', no tokenizer (pass --tokenizer)'}"
@@ -144,8 +146,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def convert_to_gguf(args: argparse.Namespace) -> None:
     """SRC -> one .gguf file (model and tokenizer) that llama.cpp runs."""
-    from smoltrain.gguf_export import gguf_dtype, write_gguf
-    from smoltrain.model_io import load_model
+    from smoltrain.formats.gguf import gguf_dtype, write_gguf
+    from smoltrain.formats.model_io import load_model
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
     dst = Path(args.dst)
@@ -175,7 +177,8 @@ def _model_name(spec: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from smoltrain.train import config_for_cli, train
+    from smoltrain.train.loop import train
+    from smoltrain.train.overrides import config_for_cli
 
     flags = {
         "output_dir": args.output_dir,
@@ -197,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from smoltrain.shards import PrepareJob, prepare
+    from smoltrain.data.shards import PrepareJob, prepare
 
     job = PrepareJob(
         source=args.source,
@@ -246,10 +249,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from smoltrain.benchmarks import SmolLM, check_tasks, evaluate_tasks, write_results
     from smoltrain.device import pick_device
+    from smoltrain.evaluation.benchmarks import SmolLM, check_tasks, evaluate_tasks, write_results
+    from smoltrain.formats.model_io import load_model
     from smoltrain.generate import prepare_for_generation
-    from smoltrain.model_io import load_model
     from smoltrain.tokenizer import check_tokenizer_fits, tokenizer_for
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -309,7 +312,7 @@ def cmd_env(args: argparse.Namespace) -> None:
     import json
 
     from smoltrain.device import pick_device
-    from smoltrain.machine import format_report, machine_report
+    from smoltrain.train.machine import format_report, machine_report
 
     if args.micro_batch < 1 or args.context < 1:
         raise ValueError("--micro-batch and --context must be at least 1")

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,3 +302,14 @@ def choose_precision(
             f"({format_flops(speeds[requested])} vs {format_flops(fp32)}); precision=auto picks {auto}"
         )
     return PrecisionChoice(requested, "as configured", warning)
+
+
+def autocast(device_type: str, precision: str):
+    """The forward's autocast: matmuls in bf16 or fp16, reductions in fp32; none in fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on `device`, copied without waiting where the host memory is pinned."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,6 +1,6 @@
 """Text generation with a KV cache: batched prompts with left padding, greedy or sampled,
 stopping at EOS per row, as a stream of tokens or all at once. `prepare_for_generation`
-makes a model faster for inference (the modules of `smoltrain.kernels.decode`): oneDNN
+makes a model faster for inference (the modules of `smoltrain.model.kernels.decode`): oneDNN
 linears on CPU where they pay, or, with compile=True, a decode step of fixed shapes (a cache
 of fixed capacity) that torch.compile captures once."""
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from smoltrain.kernels.decode import (
+from smoltrain.model.kernels.decode import (
     OneDNNLinear,
     PackedLLM,
     ReductionLinear,
@@ -18,7 +18,7 @@ from smoltrain.kernels.decode import (
     onednn_linear_works,
     pack,
 )
-from smoltrain.model import CustomLLM, KVCache
+from smoltrain.model.model import CustomLLM, KVCache
 
 
 def decode_step(
@@ -45,7 +45,7 @@ def decode_step(
 
 def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM:
     """Turn a model into an inference-only one, in place (a `PackedLLM`, see
-    `smoltrain.kernels.decode`): eval mode, no gradients, q/k/v and gate/up each merged into
+    `smoltrain.model.kernels.decode`): eval mode, no gradients, q/k/v and gate/up each merged into
     one matmul, and
     - by default, on CPU, every linear computed by oneDNN (`OneDNNLinear`) where a short
       timing of one layer's weights shows it faster at one row than `F.linear` (on some

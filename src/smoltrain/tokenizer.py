@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from smoltrain.atomic import publish_folder, staging_path
-from smoltrain.model_io import BUNDLED_NAME, cached_conversion, reading_gguf, resolve_checkpoint
+from smoltrain.formats.model_io import BUNDLED_NAME, cached_conversion, reading_gguf, resolve_checkpoint
 
 
 def _tokenizer_from_hf_json(path: Path):
@@ -160,13 +160,3 @@ def train_tokenizer(
         unk_token=end,
         chat_template=CHAT_TEMPLATE if chat_template else None,
     )
-
-
-def training_documents(source: str, eval_every: int, text_column: str = "text", txt_documents: str = "file"):
-    """A source's documents but the held-out ones (the tokenizer must not have seen the text
-    the eval loss is measured on): the same 1-in-`eval_every` split as data.eval_every."""
-    from smoltrain.data import is_eval_document, open_source
-
-    for row in open_source(source, text_column, txt_documents):
-        if row["text"] and not (eval_every and is_eval_document(row["text"], eval_every)):
-            yield row["text"]

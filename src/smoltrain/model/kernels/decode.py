@@ -1,0 +1,202 @@
+"""Inference-only modules for fast decoding: the linears repacked (q/k/v and gate/up merged,
+oneDNN's inner product on CPU, or a one-row form that torch.compile vectorizes) and a
+one-query attention for the compiled decode step. `pack` turns a `CustomLLM` into a
+`PackedLLM` in place; `smoltrain.generate.prepare_for_generation` is the way in."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoltrain.model.kernels.swap import swap_class
+from smoltrain.model.model import MLP, Attention, CustomLLM, KVCache
+
+MakeLinear = Callable[[torch.Tensor], nn.Module]
+
+
+class OneDNNLinear(nn.Module):
+    """A frozen linear computed by oneDNN's inner product, the kernel torch.compile's
+    freezing pass picks on CPU. Decoding multiplies one row by each weight, and there this
+    reads the weights about twice as fast as `F.linear`'s default (MKL gemv) on x86.
+    The weight is reordered once into oneDNN's blocked layout for a batch of 8 rows: as fast
+    as the plain layout for one row, 1.7x faster for 8 (a copy, so a tied head no longer
+    shares the embedding's storage)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # a plain attribute: not a parameter, not in the state dict
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def onednn_linear_works(dtype: torch.dtype) -> bool:
+    """oneDNN's CPU ops exist and agree with F.linear for this dtype (a build without them,
+    or one that changed their signature, keeps the plain path)."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        probe = nn.Linear(64, 48, bias=False).to(dtype)
+        x = torch.randn(2, 3, 64, dtype=dtype)
+        with torch.inference_mode():
+            return torch.allclose(OneDNNLinear(probe.weight)(x), probe(x), rtol=1e-2, atol=1e-2)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def onednn_linear_pays(weights: list[torch.Tensor]) -> bool:
+    """Whether `OneDNNLinear` multiplies one row by these weights (one layer's, as packed)
+    at least 10% faster than `F.linear` on this machine, timed here in a few ms: which one
+    wins at one row differs between CPUs and hosts (oneDNN was 1.6x faster on one AVX-512
+    host, 0.7x on another and on AVX2; docs/performance.md)."""
+    rows = [torch.ones(1, 1, w.shape[1], dtype=w.dtype) for w in weights]
+    plain = [functools.partial(F.linear, weight=w.detach()) for w in weights]
+    onednn = [OneDNNLinear(w) for w in weights]
+    return 1.1 * seconds_per_pass(onednn, rows) < seconds_per_pass(plain, rows)
+
+
+def seconds_per_pass(linears: list[Callable], rows: list[torch.Tensor], repeats: int = 30) -> float:
+    """The fastest of `repeats` passes of each row through its linear, after a warm-up."""
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            for linear, row in zip(linears, rows, strict=True):
+                linear(row)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+class ReductionLinear(nn.Module):
+    """A frozen linear layer for a compiled decode step. On CPU, for a single row, it writes
+    x @ W.T as a product and a sum, which torch.compile turns into one vectorized pass over
+    the weights on every core: it reads them at the memory bandwidth (about 33 GB/s here),
+    where the library kernels an `mm` is sent to reach 11 (MKL) to 27 (oneDNN). Otherwise,
+    and in eager mode (the product would be materialized), it is `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares a tied weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one new token (B, nh, 1, hd) over the whole cache (B, nkv, S, hd) as
+    plain matmuls that torch.compile fuses with what surrounds them. At one query SDPA's CPU
+    kernel costs more than its arithmetic: compiled bf16 decoding went 50 -> 60 tok/s.
+    The softmax is in fp32, as in SDPA."""
+    B, nh, _, hd = q.shape
+    n_kv = k.shape[1]
+    q = q.view(B, n_kv, nh // n_kv, hd)  # the query heads that share each key/value head
+    scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, nkv, group, S)
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, nh, 1, hd)
+
+
+class PackedAttention(Attention):
+    """`Attention` for inference with q, k and v as one linear (`qkv_proj`)."""
+
+    def pack(self, make_linear: MakeLinear) -> None:
+        """Replace the four projections by `make_linear`'s modules, q/k/v merged."""
+        with torch.no_grad():
+            self.qkv_proj = make_linear(
+                torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            )
+            self.o_proj = make_linear(self.o_proj.weight)
+        del self.q_proj, self.k_proj, self.v_proj  # free the originals
+
+    def forward(self, x, cos, sin, mask, cache, cache_position=None):
+        B, T, _ = x.shape
+        kv_size = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        q, k, v = self.heads(q, k, v, cos, sin, cache, cache_position)
+        if cache_position is not None and T == 1:  # a compiled decode step
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = self.attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class PackedMLP(MLP):
+    """`MLP` for inference with gate and up as one linear (`gate_up_proj`)."""
+
+    def pack(self, make_linear: MakeLinear) -> None:
+        with torch.no_grad():
+            self.gate_up_proj = make_linear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            self.down_proj = make_linear(self.down_proj.weight)
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class PackedLLM(CustomLLM):
+    """A `CustomLLM` repacked for inference: no gradients, no loss, and `save_model` refuses
+    it (its weights are no longer the checkpoint's tensors). `decode_step`, when set, is a compiled
+    `smoltrain.generate.decode_step` that generation runs after the prompt."""
+
+    decode_step: Callable | None
+
+    def pack(self, make_linear: MakeLinear, decode_step: Callable | None) -> None:
+        for layer in self.layers:
+            swap_class(layer.self_attn, PackedAttention).pack(make_linear)
+            swap_class(layer.mlp, PackedMLP).pack(make_linear)
+        with torch.no_grad():
+            self.lm_head = make_linear(self.lm_head.weight)
+        self.decode_step = decode_step
+        self.decode_caches: dict[tuple[int, int], KVCache] = {}
+
+    def decode_cache(self, batch_size: int, capacity: int, static: bool = False) -> KVCache:
+        """An empty KV cache for the compiled decode step at this batch size and capacity:
+        one per shape, kept and reused, so that a CUDA graph recorded on its buffers
+        (`static`: their addresses marked for it) replays for every later request of that
+        shape instead of being recorded again. Stale keys in it are masked by the caller."""
+        cache = self.decode_caches.get((batch_size, capacity))
+        if cache is None:
+            cache = KVCache(self.config, batch_size, capacity, self.device, self.dtype)
+            if static:  # written in place by every replay: the graph must keep their addresses
+                for buffer in cache.keys + cache.values:
+                    torch._dynamo.mark_static_address(buffer)
+            self.decode_caches[(batch_size, capacity)] = cache
+        cache.length = 0
+        return cache
+
+    def num_parameters(self) -> int:
+        return self.config.num_params()  # the repacked weights are no longer all parameters
+
+    def forward(self, input_ids: torch.Tensor, *args, labels: torch.Tensor | None = None, **kwargs):
+        if labels is not None:
+            raise ValueError(
+                "this model went through prepare_for_generation and computes no loss; "
+                "evaluate or train the model as loaded, before that call"
+            )
+        return super().forward(input_ids, *args, **kwargs)
+
+
+def pack(model: CustomLLM, make_linear: MakeLinear, decode_step: Callable | None = None) -> PackedLLM:
+    """Turn `model` into a `PackedLLM` in place: every linear replaced by `make_linear(weight)`,
+    q/k/v and gate/up each merged into one (fewer, larger weight reads)."""
+    packed = swap_class(model, PackedLLM)
+    packed.pack(make_linear, decode_step)
+    return packed

@@ -1,0 +1,290 @@
+"""Training checkpoints: `checkpoints/step-N/` folders written atomically, `latest`,
+pruning, resolving what a user points at, restoring, and the RNG states of every rank.
+
+A checkpoint holds the full model and optimizer state (gathered on rank 0, so it resumes
+on any process count, sharded or not), each rank's RNG state, the data position, the
+resolved config and the run's counters; `COMPLETE` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smoltrain.atomic import publish_folder, write_atomic, write_failure
+from smoltrain.errors import TrainingError
+from smoltrain.train.config import TrainConfig
+from smoltrain.train.parallel import (
+    broadcast_object,
+    gather_objects,
+    load_training_state,
+    read_state_file,
+    read_training_state,
+    save_training_state,
+    scatter_objects,
+)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"  # written last: a checkpoint folder without it is ignored
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens consumed, all ranks
+    bad_steps: int = 0  # NaN/inf steps in a row
+    skipped_steps: int = 0  # NaN/inf steps in total
+    overflow_steps: int = 0  # fp16 batches whose gradients overflowed (not counted as steps)
+    spike_steps: int = 0  # steps the loss-spike guard skipped
+    rollbacks: int = 0  # times the guard rolled the run back to its last checkpoint
+    elapsed: float = 0.0  # training seconds before this process
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def rng_state() -> dict:
+    """This process's random states. On CUDA only its own device's: each rank saves its own
+    file, and a run resumed on fewer GPUs than it was saved from sees fewer devices."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, keys.tolist(), position, has_gauss, gauss)  # plain data: read back as data
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved before 2026-12-03: every visible device's
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
+
+
+def save_checkpoint(
+    accelerator, model, optimizer, loader, cfg: TrainConfig, state: RunState, tokenizer, scaler=None
+) -> Path:
+    """Write checkpoints/step-N atomically: everything goes to a temporary folder that is
+    renamed once complete, then `latest` is replaced. A kill at any point leaves the previous
+    checkpoint and `latest` intact; a full disk raises on every rank and removes the partial
+    folder. Every rank calls it; rank 0 writes every file, the other ranks' RNG and data
+    states included (sent to it), so nodes that share no filesystem write nothing."""
+    root = checkpoint_root(cfg.output_dir)
+    final = root / f"step-{state.step}"
+    tmp = root / f".step-{state.step}.tmp"
+    is_main = accelerator.is_main_process
+    per_rank_data = cfg.data.rank_split == "document"  # else one global position, rank 0's
+    ranks = gather_objects(
+        {"rng": rng_state(), "data": loader.state_dict() if per_rank_data else None}, accelerator
+    )
+    raw = accelerator.unwrap_model(model)
+    error = None
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        save_training_state(raw, optimizer, tmp, is_main, raw.config.tie_word_embeddings)  # gathers
+        if is_main:
+            for rank, part in enumerate(ranks):
+                torch.save(part["rng"], tmp / f"rng-rank{rank}.pt")
+                if per_rank_data:
+                    torch.save(part["data"], tmp / f"data-rank{rank}.pt")
+            if not per_rank_data:
+                torch.save(loader.state_dict(), tmp / "data.pt")
+            raw.config.to_hf().to_json_file(tmp / "config.json")
+            tokenizer.save_pretrained(tmp)
+            run = {"state": asdict(state), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
+            if scaler is not None:  # fp16's loss scale and its growth counter
+                run["grad_scaler"] = scaler.state_dict()
+            (tmp / "trainer_state.json").write_text(json.dumps(run, indent=2))
+            (tmp / COMPLETE).write_text(f"{state.step}\n")
+            publish_folder(tmp, final, replace=True)
+            write_atomic(root / "latest", final.name + "\n")
+            prune_checkpoints(root, cfg.log.keep_checkpoints)
+    except Exception as e:
+        failure = write_failure(e, tmp)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would keep the disk full
+        latest = resolve_checkpoint_dir(str(root), required=False)
+        error = (
+            f"could not write checkpoint step-{state.step}: {failure}. The partial folder was removed "
+            f"and the previous checkpoint ({latest or 'none'}) is intact; free disk space and resume "
+            f"with --phase resume --checkpoint {root / 'latest'}"
+        )
+    error = broadcast_object(error, accelerator)  # every rank stops, none waits on rank 0
+    if error:
+        raise TrainingError(error)
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete step-N folders (keep <= 0: keep all)."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / COMPLETE).is_file())
+    for _, path in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """Temporary folders left by a save that was killed."""
+    for stale in root.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(spec: str, required: bool = True) -> Path | None:
+    """A step-N folder, a `checkpoints` folder or `latest` file, or a run's output folder;
+    only complete checkpoints count, and a required one is checked readable (`check_checkpoint`)."""
+    path = Path(spec)
+    if path.name == "latest" and path.is_file():
+        path = path.parent / path.read_text().strip()
+    elif (path / CHECKPOINTS / "latest").is_file():
+        path = path / CHECKPOINTS / (path / CHECKPOINTS / "latest").read_text().strip()
+    elif (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if (path / COMPLETE).is_file() and (path / "trainer_state.json").is_file():
+        if required:
+            check_checkpoint(path)
+        return path
+    if not required:
+        return None
+    if not path.exists():
+        if Path(spec).resolve() != path.resolve():  # `latest` names a folder that is gone
+            raise TrainingError(
+                f"'{spec}' points at {path.name}, which no longer exists (deleted?); {_older_advice(path)}"
+            )
+        raise TrainingError(
+            f"checkpoint '{spec}' does not exist; pass a checkpoints/step-N folder or a run folder"
+        )
+    if not any((path / name).exists() for name in (COMPLETE, "trainer_state.json", "model.safetensors")):
+        raise TrainingError(
+            f"'{spec}' is not a checkpoint (no {COMPLETE}, trainer_state.json or model.safetensors in it); "
+            "pass a checkpoints/step-N folder, a run folder or its checkpoints/latest"
+        )
+    raise TrainingError(
+        f"checkpoint '{spec}' is incomplete (no {COMPLETE} marker or trainer_state.json): it was "
+        f"interrupted while being written; {_older_advice(path)}"
+    )
+
+
+def _older_advice(path: Path) -> str:
+    """Names the newest complete checkpoint beside `path` that is older than it."""
+    try:
+        this = int(path.name.split("-")[1])
+    except (IndexError, ValueError):
+        this = None
+    older = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in path.parent.glob("step-*")
+        if p.name.split("-")[1].isdigit() and (p / COMPLETE).is_file() and p != path
+    )
+    older = [(n, p) for n, p in older if this is None or n < this]
+    if not older:
+        return "no complete older checkpoint is beside it; start again with --phase init"
+    return f"resume from the newest complete older one: --checkpoint {older[-1][1]}"
+
+
+def check_checkpoint(path: Path) -> None:
+    """Fail with the file and the way out when a complete-looking checkpoint cannot be read:
+    a broken trainer_state.json, a truncated or empty model.safetensors or optimizer.pt."""
+    from safetensors import safe_open
+
+    def broken(name: str, what: str) -> TrainingError:
+        return TrainingError(f"checkpoint {path}: {name} is {what}; {_older_advice(path)}")
+
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise broken("trainer_state.json", f"not valid JSON ({e})") from None
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise broken("model.safetensors", "missing")
+    try:
+        with safe_open(weights, "pt") as f:
+            names = list(f.keys())
+            if names:
+                f.get_slice(names[-1])  # the header's last entry lies inside the file
+    except Exception as e:  # safetensors' own error types differ across versions
+        raise broken(
+            "model.safetensors", f"unreadable, probably truncated ({str(e).splitlines()[0]})"
+        ) from None
+    optimizer = path / "optimizer.pt"
+    if not optimizer.is_file() or optimizer.stat().st_size == 0:
+        raise broken("optimizer.pt", "missing or empty")
+
+
+def checkpoint_config(path: Path) -> dict:
+    """The resolved config a checkpoint was trained with."""
+    return json.loads((path / "trainer_state.json").read_text())["config"]
+
+
+def restore_checkpoint(
+    path: Path | None, accelerator, model, optimizer, loader, cfg: TrainConfig, scaler=None
+) -> RunState:
+    """Load model, optimizer, each rank's RNG state and data position, and fp16's loss scale;
+    the run's counters are returned. The model config must be the checkpoint's. Rank 0 reads
+    the checkpoint (`path` is None on the other ranks) and sends each rank its part."""
+    world = accelerator.num_processes
+    parts, states = None, None
+    if accelerator.is_main_process:
+        run = json.loads((path / "trainer_state.json").read_text())
+        saved = run["config"]["model"]
+        error = None
+        if (saved["preset"], saved["overrides"]) != (cfg.model.preset, cfg.model.overrides):
+            error = (
+                f"checkpoint {path} was trained with model {saved['preset']} {saved['overrides']} "
+                f"but the config asks for {cfg.model.preset} {cfg.model.overrides}; resume with the same "
+                "model config (or start a new run with model.init_from)"
+            )
+        ranks = [None] * world
+        if error is None:
+            try:
+                states = read_training_state(model, path, model.config.tie_word_embeddings)
+                ranks = [_rank_part(path, rank, world, run, cfg) for rank in range(world)]
+            except TrainingError as e:
+                error = str(e)
+        parts = [{"run": run, "error": error, **(part or {"rng": None, "data": None})} for part in ranks]
+        if error is None and any(p["data"] is None for p in parts):
+            print(
+                f"note: the data position of {path} was saved per rank by {run.get('world_size')} "
+                f"process(es) (data.rank_split=document); this run has {world}, "
+                "so the stream starts over (data.rank_split=micro_batch resumes on any count)",
+                file=sys.stderr,
+            )
+    part = scatter_objects(parts, accelerator)
+    if part["error"]:
+        raise TrainingError(part["error"])
+    run = part["run"]
+    load_training_state(model, optimizer, states, world > 1)
+    set_rng_state(part["rng"])
+    if part["data"] is not None:
+        loader.load_state_dict(part["data"])
+    if scaler is not None and "grad_scaler" in run:
+        scaler.load_state_dict(run["grad_scaler"])
+    return RunState(**run["state"])
+
+
+def _rank_part(path: Path, rank: int, world: int, run: dict, cfg: TrainConfig) -> dict:
+    """Rank `rank`'s RNG state (rank 0's when the checkpoint had fewer ranks) and data
+    position (None: the stream starts over)."""
+    rank_rng = path / f"rng-rank{rank}.pt"
+    rng = read_state_file(rank_rng if rank_rng.is_file() else path / "rng-rank0.pt")
+    global_state, rank_state = path / "data.pt", path / f"data-rank{rank}.pt"
+    data = None
+    if cfg.data.rank_split == "micro_batch" and global_state.is_file():
+        data = read_state_file(global_state)
+    elif rank_state.is_file() and run.get("world_size", 1) == world:
+        data = read_state_file(rank_state)
+    return {"rng": rng, "data": data}

@@ -1,0 +1,204 @@
+"""One optimizer step (accumulation, clipping, loss scaling, the non-finite policy) and the
+loss-spike guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smoltrain.device import autocast, to_device
+from smoltrain.errors import TrainingError
+from smoltrain.train.checkpoint import (
+    checkpoint_root,
+    resolve_checkpoint_dir,
+)
+from smoltrain.train.optim import lr_at, peak_lrs
+from smoltrain.train.parallel import (
+    broadcast_object,
+    clip_grad_norm,
+    gradient_sync,
+    load_training_state,
+    read_training_state,
+)
+from smoltrain.train.setup import Run, Window
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the micro-batches and ranks
+    grad_norm: float  # before clipping (0 when clipping is off)
+    lr: float
+    skipped: bool  # non-finite: no update was made
+    stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM): all checkpoint and end
+
+
+def zero_grad(run: Run) -> None:
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(run: Run, stop_requested: bool = False) -> StepResult:
+    """One optimizer step: gradients accumulated over `grad_accum_steps` micro-batches (synced
+    across ranks on the last), clipped, applied. A non-finite loss or gradient norm skips the
+    update and counts the step; `train.max_bad_steps` of those in a row stop the run. Under
+    fp16, gradients that overflow halve the loss scale and the step is retried on the next
+    batches, uncounted (GradScaler's search for a scale; Megatron's policy too); overflows at
+    a scale below 1 are non-finite steps."""
+    cfg, state, accelerator, scaler = run.cfg, run.state, run.accelerator, run.scaler
+    lrs = [lr_at(state.step + 1, peak, cfg.schedule) for peak in peak_lrs(cfg)]
+    for optimizer, lr in zip(run.optimizers, lrs, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    lr = lrs[0]  # AdamW's, the one logged
+    device = accelerator.device
+    step_loss = torch.zeros((), device=device)
+    for micro in range(run.grad_accum_steps):
+        batch = to_device(next(run.batches), device)
+        with gradient_sync(run.model, accelerator, run.fsdp, sync=micro == run.grad_accum_steps - 1):
+            with autocast(device.type, run.precision):
+                loss = run.forward(**batch, return_logits=False).loss
+            scaled = loss / run.grad_accum_steps
+            accelerator.backward(scaler.scale(scaled) if scaler else scaled)
+        step_loss += loss.detach() / run.grad_accum_steps
+    if scaler:
+        for optimizer in run.torch_optimizers:  # clipping and the norm see the true gradients
+            scaler.unscale_(optimizer)
+    if cfg.optim.grad_clip > 0:
+        grad_norm = clip_grad_norm(run.model, accelerator, run.fsdp, cfg.optim.grad_clip)
+    elif scaler:  # not clipped, but an overflow must still be seen
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in run.model.parameters() if p.grad is not None]
+        )
+    else:
+        grad_norm = torch.zeros((), device=device)
+    # this rank's stop request rides with the loss: every rank learns whether any one had it
+    shared = torch.stack([step_loss.float(), torch.full((), float(stop_requested), device=device)])
+    step_loss, stops = accelerator.reduce(shared, reduction="mean")
+    # the one host sync per step: the figures come back together
+    loss_value, grad_norm_value, stop = torch.stack([step_loss, grad_norm.float(), stops]).tolist()
+    stop = stop > 0
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+        zero_grad(run)
+        overflow_scale = scaler.get_scale() if scaler else 0.0
+        if scaler:
+            scaler.update()  # halves the scale; the next unscale_ needs this step's update
+        if math.isfinite(loss_value) and overflow_scale >= 1.0:
+            # GradScaler's normal search for a scale: not a step (the schedule waits for it)
+            state.overflow_steps += 1
+            if accelerator.is_main_process:
+                print(
+                    f"step {state.step + 1}: fp16 gradients overflowed at loss scale "
+                    f"{overflow_scale:g}; skipped, retried at half the scale",
+                    file=sys.stderr,
+                )
+            return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
+        state.step += 1
+        state.bad_steps += 1
+        state.skipped_steps += 1
+        if cfg.train.spike_factor > 0:  # the guard counts it as a spike: a rollback comes first
+            run.recent_spikes.append(state.step)
+        if accelerator.is_main_process:
+            print(f"step {state.step}: loss {loss_value} is not finite; skipped", file=sys.stderr)
+        if state.bad_steps >= cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{state.bad_steps} non-finite steps in a row at step {state.step}; stopping. "
+                f"The last good checkpoint is in {checkpoint_root(run.out)}; lower optim.lr or "
+                "check the data (under fp16, try bf16 or fp32), then resume from it"
+            )
+        return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
+    if is_spike(run, loss_value, grad_norm_value):
+        zero_grad(run)
+        if scaler:
+            scaler.update()
+        state.step += 1
+        state.spike_steps += 1
+        run.recent_spikes.append(state.step)
+        run.metrics.write(
+            state.step, event="spike_skipped", spike_loss=loss_value, spike_grad_norm=grad_norm_value
+        )
+        if accelerator.is_main_process:
+            print(
+                f"step {state.step}: loss {loss_value:.3f} / grad norm {grad_norm_value:.3f} spiked; skipped",
+                file=sys.stderr,
+            )
+        return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
+    run.good_steps.append((loss_value, grad_norm_value))
+    if len(run.good_steps) > cfg.train.spike_window:
+        run.good_steps.popleft()
+    # the norm was finite, so are the gradients: step without GradScaler.step's own host sync
+    for optimizer in run.optimizers:
+        optimizer.step()
+    if scaler:
+        scaler.update()
+    zero_grad(run)
+    state.step += 1
+    state.bad_steps = 0
+    state.tokens += run.tokens_per_step
+    run.window.loss += loss_value
+    run.window.steps += 1
+    run.bar.update(1)
+    return StepResult(loss_value, grad_norm_value, lr, skipped=False, stop=stop)
+
+
+def is_spike(run: Run, loss: float, grad_norm: float) -> bool:
+    """Whether the loss or the grad norm jumps above `train.spike_factor` times its mean over
+    the last `train.spike_window` good steps (judged once that many are seen; every rank
+    decides alike, from the reduced figures)."""
+    t = run.cfg.train
+    if t.spike_factor <= 0 or len(run.good_steps) < t.spike_window:
+        return False
+    mean_loss = sum(loss for loss, _ in run.good_steps) / len(run.good_steps)
+    mean_norm = sum(norm for _, norm in run.good_steps) / len(run.good_steps)
+    return loss > t.spike_factor * mean_loss or (mean_norm > 0 and grad_norm > t.spike_factor * mean_norm)
+
+
+def roll_back_if_spiking(run: Run) -> None:
+    """After `train.spike_rollback` skipped spikes within `train.spike_window` steps, load the
+    last checkpoint's weights, optimizer and counters, and go on with the data where it is:
+    the window that caused the spikes is not read again."""
+    t, state = run.cfg.train, run.state
+    while run.recent_spikes and run.recent_spikes[0] <= state.step - t.spike_window:
+        run.recent_spikes.popleft()
+    if len(run.recent_spikes) < t.spike_rollback:
+        return
+    is_main = run.accelerator.is_main_process
+    latest = resolve_checkpoint_dir(str(checkpoint_root(run.out)), required=False) if is_main else None
+    target = broadcast_object(str(latest) if latest else None, run.accelerator)
+    if target is None:
+        raise TrainingError(
+            f"{len(run.recent_spikes)} loss spikes within {t.spike_window} steps at step {state.step} "
+            "and no checkpoint to roll back to; lower optim.lr, check the data, or raise train.spike_factor"
+        )
+    saved = json.loads((Path(target) / "trainer_state.json").read_text()) if is_main else None
+    saved = broadcast_object(saved, run.accelerator)
+    times = run.rollbacks_to.get(target, 0) + 1
+    if times > 3:
+        raise TrainingError(
+            f"rolled back to {target} 3 times and the spikes persist (step {state.step}); lower "
+            "optim.lr or check the data, then resume from that checkpoint"
+        )
+    run.rollbacks_to[target] = times
+    tied = run.raw_model.config.tie_word_embeddings
+    states = read_training_state(run.raw_model, Path(target), tied) if is_main else None
+    load_training_state(run.raw_model, run.torch_optimizers, states, run.accelerator.num_processes > 1)
+    if run.scaler is not None and "grad_scaler" in saved:
+        run.scaler.load_state_dict(saved["grad_scaler"])
+    spiked, back_to = list(run.recent_spikes), saved["state"]["step"]
+    run.metrics.truncate(back_to)
+    if is_main:
+        print(
+            f"step {state.step}: {len(spiked)} loss spikes ({spiked}); rolled back to step "
+            f"{back_to}, the data moves on",
+            file=sys.stderr,
+        )
+    state.step, state.tokens = back_to, saved["state"]["tokens"]
+    state.rollbacks += 1
+    run.metrics.write(back_to, event="rolled_back", spike_steps=spiked, rolled_back_from=spiked[-1])
+    run.recent_spikes.clear()  # the good steps' history stays: the guard stays armed
+    state.bad_steps = 0
+    run.window = Window()
