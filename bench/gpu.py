@@ -760,8 +760,9 @@ def main() -> None:
     path = args.out or (None if dry else REPO / "bench/gpu_results.json")
     global HALF, DRY_TOKENIZER
     if dry:
+        from smoltrain.data.sources import training_documents
         from smoltrain.device import choose_precision
-        from smoltrain.tokenizer import train_tokenizer, training_documents
+        from smoltrain.tokenizer import train_tokenizer
 
         HALF = choose_precision("auto", "cpu").precision
         DRY_TOKENIZER = tempfile.mkdtemp(prefix="gpu-dry-tokenizer-")

@@ -143,6 +143,7 @@ def generate(args) -> dict:
     if args.impl == "ours":
         keep_freed_memory()
         from smoltrain.formats.model_io import load_model
+        from smoltrain.generate import generate as generate_tokens
         from smoltrain.generate import prepare_for_generation
 
         model = load_model(folder, dtype=dtype, device=args.device)
@@ -151,7 +152,7 @@ def generate(args) -> dict:
         linears = type(model.layers[0].mlp.down_proj).__name__  # the linears it chose
 
         def run(n):
-            return generate(model, ids, max_new_tokens=n, eos_token_id=[])
+            return generate_tokens(model, ids, max_new_tokens=n, eos_token_id=[])
     else:
         from transformers import AutoModelForCausalLM
 

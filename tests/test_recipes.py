@@ -55,8 +55,7 @@ def test_a_trained_tokenizer_round_trips_and_is_deterministic(trained):
 
 
 def test_held_out_documents_do_not_train_the_tokenizer(tmp_path):
-    from smoltrain.data.sources import is_eval_document
-    from smoltrain.tokenizer import training_documents
+    from smoltrain.data.sources import is_eval_document, training_documents
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n=300)
     kept = list(training_documents(str(corpus), eval_every=5))

@@ -225,7 +225,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from smoltrain.atomic import staged_folder
-    from smoltrain.tokenizer import train_tokenizer, training_documents
+    from smoltrain.data.sources import training_documents
+    from smoltrain.tokenizer import train_tokenizer
 
     out = Path(args.out_dir)
     check_output_folder(out, args.overwrite, "a tokenizer folder")
