@@ -181,7 +181,7 @@ def test_data_too_small_fails_at_start_up(tmp_path):
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("hello world", "short")))
     # 1 in 10^6 held out of 200 documents: none
-    args = small_run_args(tmp_path, "run", "data.eval_every=1000000")
+    args = small_run_args(tmp_path, "run", "data.holdout_every=1000000")
     assert_clean_error(smoltrain(*args, check=False), "yielded no eval documents")
     args = small_run_args(tmp_path, "run", f"data.source={tiny}", f"data.eval_source={tiny}")
     assert_clean_error(smoltrain(*args, check=False), "fewer than one block of data.context_length=32")

@@ -58,7 +58,7 @@ def test_held_out_documents_do_not_train_the_tokenizer(tmp_path):
     from smoltrain.data.sources import is_eval_document, training_documents
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n=300)
-    kept = list(training_documents(str(corpus), eval_every=5))
+    kept = list(training_documents(str(corpus), holdout_every=5))
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     assert kept == [t for t in texts if not is_eval_document(t, 5)] and len(kept) < len(texts)
 

@@ -207,7 +207,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         out_dir=str(args.out_dir),
         tokenizer=args.tokenizer,
         workers=args.workers,
-        eval_every=args.eval_every,
+        eval_every=args.holdout_every,  # the manifest's name for it
         text_column=args.text_column,
         txt_documents=args.txt_documents,
         shard_documents=args.shard_documents,
@@ -230,10 +230,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
     out = Path(args.out_dir)
     check_output_folder(out, args.overwrite, "a tokenizer folder")
-    if args.eval_every == 1:
-        raise ValueError("--eval-every 1 would hold out every document; use 0 (none held out) or 2 and up")
+    if args.holdout_every == 1:
+        raise ValueError("--holdout-every 1 would hold out every document; use 0 (none held out) or 2 and up")
     start = time.perf_counter()
-    documents = training_documents(args.source, args.eval_every, args.text_column, args.txt_documents)
+    documents = training_documents(args.source, args.holdout_every, args.text_column, args.txt_documents)
     tokenizer = train_tokenizer(documents, args.vocab_size, args.min_frequency, args.chat_template)
     with staged_folder(out) as tmp:  # a whole tokenizer folder or none
         tokenizer.save_pretrained(tmp)
@@ -395,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="output folder (new, empty, or an interrupted prepare)")
     p.add_argument("--tokenizer", default="smollm2", help="a tokenizer spec, as the config's tokenizer key")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--eval-every", type=int, default=200, help="hold out 1 in K documents (0: none)")
+    p.add_argument(  # --eval-every: its name before data.eval_every became data.holdout_every
+        "--holdout-every", "--eval-every", type=int, default=200, help="hold out 1 in K documents (0: none)"
+    )
     p.add_argument("--text-column", default="text")
     p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
     p.add_argument("--shard-documents", type=int, default=10_000, help="source documents per shard")
@@ -409,14 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a byte-level BPE tokenizer (SmolLM2's kind) on a source",
         description="Learn a byte-level BPE tokenizer from SOURCE's training documents (the held-out ones "
-        "excluded, as data.eval_every splits them) with the tokenizers library, into OUT_DIR.",
+        "excluded, as data.holdout_every splits them) with the tokenizers library, into OUT_DIR.",
     )
     tt.add_argument("source", help="hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs")
     tt.add_argument("out_dir", type=Path, help="output folder (tokenizer.json and its config)")
     tt.add_argument("--vocab-size", type=int, required=True, help="tokens, special tokens included")
     tt.add_argument("--min-frequency", type=int, default=2, help="a merge needs a pair seen this often")
     tt.add_argument("--chat-template", action="store_true", help="add SmolLM2's ChatML chat template")
-    tt.add_argument("--eval-every", type=int, default=200, help="leave out the 1-in-K held-out documents")
+    tt.add_argument(
+        "--holdout-every",
+        "--eval-every",
+        type=int,
+        default=200,
+        help="leave out the 1-in-K held-out documents",
+    )
     tt.add_argument("--text-column", default="text")
     tt.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
     tt.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")

@@ -42,7 +42,7 @@ def one_pass(cfg, tokenizer, rank=0, world_size=1, split="train"):
 
 
 def test_packing_keeps_every_token_once(corpus, smollm2_tokenizer):
-    cfg = DataConfig(source=str(corpus), context_length=64, shuffle_buffer=0, eval_every=NEVER)
+    cfg = DataConfig(source=str(corpus), context_length=64, shuffle_buffer=0, holdout_every=NEVER)
     blocks = one_pass(cfg, smollm2_tokenizer)
     assert all(b["input_ids"].shape == (64,) for b in blocks)
     docs = [json.loads(line)["text"] for line in open(corpus)]
@@ -69,7 +69,7 @@ def test_document_mask_isolates_documents(corpus, smollm2_tokenizer):
     from smoltrain.model import build_attention_mask
 
     cfg = DataConfig(
-        source=str(corpus), context_length=96, shuffle_buffer=0, eval_every=NEVER, document_mask=True
+        source=str(corpus), context_length=96, shuffle_buffer=0, holdout_every=NEVER, document_mask=True
     )
     loader = build_loader(cfg, smollm2_tokenizer, batch_size=2)
     batch = next(iter(loader))
@@ -94,7 +94,7 @@ def test_document_mask_isolates_documents(corpus, smollm2_tokenizer):
 
 
 def test_pad_mode_reproduces_data_collator(corpus, smollm2_tokenizer):
-    cfg = DataConfig(source=str(corpus), context_length=32, mode="pad", shuffle_buffer=0, eval_every=NEVER)
+    cfg = DataConfig(source=str(corpus), context_length=32, mode="pad", shuffle_buffer=0, holdout_every=NEVER)
     loader = build_loader(cfg, smollm2_tokenizer, batch_size=4)
     batch = next(iter(loader))
     docs = [json.loads(line)["text"] for line in open(corpus)]
@@ -135,7 +135,7 @@ def test_resume_is_exact(tmp_path, smollm2_tokenizer, workers, mode):
         context_length=48,
         mode=mode,
         shuffle_buffer=6,
-        eval_every=NEVER,
+        holdout_every=NEVER,
         num_workers=workers,
         tokenize_batch=4,
     )
@@ -155,7 +155,9 @@ def test_resume_is_exact(tmp_path, smollm2_tokenizer, workers, mode):
 
 
 def test_ranks_split_documents_without_overlap(corpus, smollm2_tokenizer):
-    cfg = DataConfig(source=str(corpus), context_length=512, mode="pad", shuffle_buffer=0, eval_every=NEVER)
+    cfg = DataConfig(
+        source=str(corpus), context_length=512, mode="pad", shuffle_buffer=0, holdout_every=NEVER
+    )
     decoded = []
     for rank in range(2):
         rows = one_pass(cfg, smollm2_tokenizer, rank=rank, world_size=2)
@@ -170,7 +172,7 @@ def test_resume_when_sharded_across_ranks(tmp_path, smollm2_tokenizer):
     for s in range(2):
         write_jsonl(tmp_path / f"part-{s}.jsonl", make_docs(20, seed=s))
     cfg = DataConfig(
-        source=str(tmp_path), context_length=40, shuffle_buffer=5, eval_every=NEVER, rank_split="document"
+        source=str(tmp_path), context_length=40, shuffle_buffer=5, holdout_every=NEVER, rank_split="document"
     )
     for rank in range(2):
         reference = take(iter(build_loader(cfg, smollm2_tokenizer, 2, rank=rank, world_size=2)), 12)
@@ -186,7 +188,7 @@ def test_resume_when_sharded_across_ranks(tmp_path, smollm2_tokenizer):
 def test_eval_split_is_disjoint_from_train(tmp_path, smollm2_tokenizer):
     docs = make_docs(300)
     path = write_jsonl(tmp_path / "d.jsonl", docs)
-    cfg = DataConfig(source=str(path), context_length=512, mode="pad", shuffle_buffer=0, eval_every=10)
+    cfg = DataConfig(source=str(path), context_length=512, mode="pad", shuffle_buffer=0, holdout_every=10)
     train = {smollm2_tokenizer.decode(r["input_ids"][:-1]) for r in one_pass(cfg, smollm2_tokenizer)}
     held = {
         smollm2_tokenizer.decode(r["input_ids"][:-1]) for r in one_pass(cfg, smollm2_tokenizer, split="eval")
@@ -228,7 +230,7 @@ def test_hub_source_streams_cosmopedia_layout(tmp_path, monkeypatch, smollm2_tok
         context_length=512,
         mode="pad",
         shuffle_buffer=0,
-        eval_every=NEVER,
+        holdout_every=NEVER,
     )
     rows = one_pass(cfg, smollm2_tokenizer)
     assert calls[0] == ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", {"split": "train", "streaming": True})
@@ -267,7 +269,7 @@ def test_bad_sources_are_clear_errors(tmp_path, smollm2_tokenizer):
         open_source(str(path), text_column="content")
     assert [r["text"] for r in open_source(str(path), text_column="body")] == ["y"]
     only_eval = write_jsonl(tmp_path / "e.jsonl", ["one"])
-    cfg = DataConfig(source=str(only_eval), eval_every=NEVER)
+    cfg = DataConfig(source=str(only_eval), holdout_every=NEVER)
     with pytest.raises(ValueError, match="yielded no eval documents"):
         next(iter(build_loader(cfg, smollm2_tokenizer, 1, split="eval")))
     with pytest.raises(ValueError, match="data.mode must be"):
@@ -277,7 +279,7 @@ def test_bad_sources_are_clear_errors(tmp_path, smollm2_tokenizer):
 def test_long_documents_are_split_not_dropped(tmp_path, smollm2_tokenizer):
     long_doc = " ".join(f"word{i}" for i in range(400))
     path = write_jsonl(tmp_path / "long.jsonl", [long_doc])
-    cfg = DataConfig(source=str(path), context_length=50, mode="pad", shuffle_buffer=0, eval_every=NEVER)
+    cfg = DataConfig(source=str(path), context_length=50, mode="pad", shuffle_buffer=0, holdout_every=NEVER)
     rows = one_pass(cfg, smollm2_tokenizer)
     ids = smollm2_tokenizer(long_doc, add_special_tokens=False)["input_ids"] + [
         smollm2_tokenizer.eos_token_id
@@ -287,7 +289,7 @@ def test_long_documents_are_split_not_dropped(tmp_path, smollm2_tokenizer):
 
 
 def test_micro_batch_split_is_the_one_rank_stream_dealt_out(corpus, smollm2_tokenizer):
-    cfg = DataConfig(source=str(corpus), context_length=32, shuffle_buffer=4, eval_every=NEVER)
+    cfg = DataConfig(source=str(corpus), context_length=32, shuffle_buffer=4, holdout_every=NEVER)
     single = take(iter(build_loader(cfg, smollm2_tokenizer, 2)), 8)
     ranks = [take(iter(build_loader(cfg, smollm2_tokenizer, 2, rank=r, world_size=2)), 4) for r in range(2)]
     for i, batch in enumerate(single):
@@ -312,7 +314,11 @@ def test_workers_send_their_state_once_per_snapshot_and_resume_exactly_between(
     for s in range(2):
         write_jsonl(tmp_path / f"part-{s}.jsonl", make_docs(40, seed=s))
     cfg = DataConfig(
-        source=str(tmp_path / "*.jsonl"), context_length=48, shuffle_buffer=6, eval_every=NEVER, num_workers=2
+        source=str(tmp_path / "*.jsonl"),
+        context_length=48,
+        shuffle_buffer=6,
+        holdout_every=NEVER,
+        num_workers=2,
     )
     calls = tmp_path / "state-calls"
     real_state_dict = data.TokenStream.state_dict
@@ -364,7 +370,11 @@ def test_dataloader_workers_and_ranks_read_every_document_exactly_once(tmp_path,
     for f in range(files):
         write_jsonl(tmp_path / f"part-{f}.jsonl", docs[f::files])
     cfg = DataConfig(
-        source=str(tmp_path / "*.jsonl"), context_length=512, mode="pad", shuffle_buffer=0, eval_every=NEVER
+        source=str(tmp_path / "*.jsonl"),
+        context_length=512,
+        mode="pad",
+        shuffle_buffer=0,
+        holdout_every=NEVER,
     )
     open_fn = lambda: open_source(cfg.source, cfg.text_column)  # noqa: E731
     for world, workers in ((1, 0), (1, 2), (1, 4), (2, 2)):
@@ -382,7 +392,7 @@ def test_pad_mode_leaves_the_runs_tokenizer_as_it_was(corpus, smollm2_tokenizer)
 
     tokenizer = copy.deepcopy(smollm2_tokenizer)
     tokenizer.pad_token, tokenizer.padding_side = None, "left"
-    cfg = DataConfig(source=str(corpus), context_length=32, mode="pad", shuffle_buffer=0, eval_every=NEVER)
+    cfg = DataConfig(source=str(corpus), context_length=32, mode="pad", shuffle_buffer=0, holdout_every=NEVER)
     batch = next(iter(build_loader(cfg, tokenizer, batch_size=4)))
     assert batch["input_ids"].shape[0] == 4
     assert tokenizer.pad_token is None and tokenizer.padding_side == "left"

@@ -73,7 +73,7 @@ def test_one_and_two_workers_write_the_same_bytes(tmp_path, docs_file, smollm2_t
 
 
 def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, docs_file):
-    args = ["--shard-documents", "1", "--eval-every", "20"]  # 400 shards: a few seconds to write
+    args = ["--shard-documents", "1", "--holdout-every", "20"]  # 400 shards: a few seconds to write
     prepare_in_process(str(docs_file), str(tmp_path / "whole"), *args)
     cmd = [sys.executable, "-m", "smoltrain", "prepare", str(docs_file), str(tmp_path / "killed"), *args]
     proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -215,7 +215,7 @@ def test_shards_serve_the_blocks_the_stream_packs(tmp_path, docs_file, smollm2_t
     job = PrepareJob(str(docs_file), str(tmp_path / "shards"), eval_every=10, shard_documents=shard_documents)
     prepare(job, progress=False)
     for split in ("train", "eval"):
-        stream = DataConfig(source=str(docs_file), context_length=48, shuffle_buffer=0, eval_every=10)
+        stream = DataConfig(source=str(docs_file), context_length=48, shuffle_buffer=0, holdout_every=10)
         stream.document_mask = True
         shards = DataConfig(
             source=str(tmp_path / "shards"), context_length=48, shuffle_buffer=0, document_mask=True

@@ -148,8 +148,8 @@ def test_eval_errors_name_the_problem(tmp_path, tasks_dir):
 def benchmark_args(tmp_path, out, tasks_dir, *extra):
     return small_run_args(
         tmp_path, out, "--max-steps", "6", "log.log_every=1", "log.eval_every=3",
-        "eval.tasks=[arc_easy_local,piqa_local]", "eval.every=3", "eval.limit=4",
-        f"eval.include_path={tasks_dir}", *extra,
+        "benchmarks.tasks=[arc_easy_local,piqa_local]", "benchmarks.every=3", "benchmarks.limit=4",
+        f"benchmarks.include_path={tasks_dir}", *extra,
     )  # fmt: skip
 
 
@@ -173,7 +173,7 @@ def test_training_logs_benchmarks_and_bits_per_byte_and_trains_as_without(
     final = scores(json.loads((tmp_path / "final.json").read_text()))
     assert all(bench[-1][k] == pytest.approx(v, abs=1e-9) for k, v in final.items())
     # benchmarks leave training alone: the same losses as a run without them
-    smoltrain(*benchmark_args(tmp_path, "without", tasks_dir, "eval.tasks=[]"))
+    smoltrain(*benchmark_args(tmp_path, "without", tasks_dir, "benchmarks.tasks=[]"))
     assert losses(tmp_path / "with") == losses(tmp_path / "without")
     # bits per byte: the eval loss over the UTF-8 bytes of the predicted tokens
     evals = [r for r in rows if "eval_bpb" in r]
@@ -182,7 +182,7 @@ def test_training_logs_benchmarks_and_bits_per_byte_and_trains_as_without(
     from smoltrain.data.loader import build_loader
 
     cfg = DataConfig(
-        source=str(tmp_path / "corpus.jsonl"), context_length=32, eval_every=10, shuffle_buffer=0
+        source=str(tmp_path / "corpus.jsonl"), context_length=32, holdout_every=10, shuffle_buffer=0
     )
     tokens = n_bytes = 0
     for batch, _ in zip(build_loader(cfg, smollm2_tokenizer, 2, "eval"), range(2), strict=False):
@@ -196,10 +196,12 @@ def test_training_logs_benchmarks_and_bits_per_byte_and_trains_as_without(
 
 
 def test_a_typo_in_eval_tasks_stops_the_run_before_training(tmp_path, tasks_dir):
-    run = smoltrain(*benchmark_args(tmp_path, "typo", tasks_dir, "eval.tasks=[arc_easy_locl]"), check=False)
+    run = smoltrain(
+        *benchmark_args(tmp_path, "typo", tasks_dir, "benchmarks.tasks=[arc_easy_locl]"), check=False
+    )
     assert run.returncode == 1 and "did you mean arc_easy_local" in run.stderr
     assert not (tmp_path / "typo" / "metrics.jsonl").exists() or not metric_rows(tmp_path / "typo")
-    missing = f"eval.include_path={tmp_path / 'no-such-folder'}"
+    missing = f"benchmarks.include_path={tmp_path / 'no-such-folder'}"
     run = smoltrain(*benchmark_args(tmp_path, "typo", tasks_dir, missing, "--overwrite"), check=False)
     assert run.returncode == 1 and "is not a folder of lm-eval task YAMLs" in run.stderr
 

@@ -18,7 +18,9 @@ def test_docs_config_md_is_current():
 def test_every_key_is_listed_once_with_its_default_and_comment():
     rows = config_doc.rows(config_doc.TrainConfig, "")
     keys = [key for key, _, _ in rows]
-    assert len(keys) == len(set(keys)) and {"train.precision", "data.eval_every", "output_dir"} <= set(keys)
+    assert len(keys) == len(set(keys)) and {"train.precision", "data.holdout_every", "output_dir"} <= set(
+        keys
+    )
     precision = next(r for r in rows if r[0] == "train.precision")
     assert precision[1] == "'auto'" and "bf16" in precision[2]  # the comment above the field
 

@@ -301,11 +301,15 @@ def test_shards_and_mixtures_follow_one_process_and_resume_across_counts(tmp_pat
 
 
 def test_benchmarks_on_two_processes_equal_one(tmp_path):
-    """eval.tasks on 2 processes: each scores half the items, rank 0 logs what 1 process logs."""
+    """benchmarks.tasks on 2 processes: each scores half the items, rank 0 logs what 1 process logs."""
     from tests.lm_eval_tasks import write_tasks
 
     tasks = write_tasks(tmp_path / "tasks")
-    extra = ["eval.tasks=[arc_easy_local,piqa_local]", "eval.every=5", f"eval.include_path={tasks}"]
+    extra = [
+        "benchmarks.tasks=[arc_easy_local,piqa_local]",
+        "benchmarks.every=5",
+        f"benchmarks.include_path={tasks}",
+    ]
     one, two = launch(1, *run_args(tmp_path, "one", *extra)), launch(2, *run_args(tmp_path, "two", *extra))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     rows = {

@@ -65,7 +65,7 @@ def small_run_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
         "tokenizer=smollm2",  # the quickstart's own is trained by make demo
         "data.context_length=32",
         "data.shuffle_buffer=8",
-        "data.eval_every=10",
+        "data.holdout_every=10",
         "model.overrides.num_hidden_layers=1",
         "model.overrides.hidden_size=64",
         "model.overrides.intermediate_size=128",

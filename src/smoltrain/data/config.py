@@ -32,7 +32,7 @@ class DataConfig:
     document_mask: bool = False  # pack mode: forbid attention across documents inside a block
     shuffle_buffer: int = 1000  # documents in the seeded shuffle buffer (0: stream order)
     seed: int = 0  # shuffle seed; epoch k uses seed + k
-    eval_every: int = 200  # hold out 1 in N documents (by a hash of the text) for evaluation
+    holdout_every: int = 200  # hold out 1 in N documents (by a hash of the text) for evaluation
     eval_source: str | None = None  # a separate evaluation source instead of the held-out split
     num_workers: int = 0  # DataLoader worker processes per rank
     # How ranks share the stream. "micro_batch": every rank reads the same stream and rank r
@@ -61,9 +61,9 @@ class DataConfig:
             raise ValueError(
                 f"data.rank_split must be 'auto', 'micro_batch' or 'document', got '{self.rank_split}'"
             )
-        if self.eval_every < 2:
+        if self.holdout_every < 2:
             raise ValueError(
-                f"data.eval_every must be >= 2 (1 in N documents held out), got {self.eval_every}"
+                f"data.holdout_every must be >= 2 (1 in N documents held out), got {self.holdout_every}"
             )
 
         if self.mixture and self.stages:

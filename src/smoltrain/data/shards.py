@@ -238,7 +238,7 @@ def prepare(job: PrepareJob, overwrite: bool = False, progress: bool = True) -> 
         print(f"note: --workers {job.workers} capped at this machine's {cores} cores", file=sys.stderr)
         job = dataclasses.replace(job, workers=cores)
     if job.eval_every == 1 or job.eval_every < 0:
-        raise ValueError(f"--eval-every must be 0 (hold nothing out) or at least 2, got {job.eval_every}")
+        raise ValueError(f"--holdout-every must be 0 (hold nothing out) or at least 2, got {job.eval_every}")
     if job.shard_documents < 1:
         raise ValueError(f"--shard-documents must be at least 1, got {job.shard_documents}")
     out = Path(job.out_dir).expanduser()

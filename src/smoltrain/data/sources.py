@@ -1,5 +1,5 @@
 """Where documents come from: the hub, local files (.jsonl/.json, .parquet, .txt, folders and globs) and
-`builtin:python-docs`; and the held-out split, 1 in `data.eval_every` documents by content hash."""
+`builtin:python-docs`; and the held-out split, 1 in `data.holdout_every` documents by content hash."""
 
 from __future__ import annotations
 
@@ -245,9 +245,11 @@ def is_eval_document(text: str, every: int) -> bool:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") % every == 0
 
 
-def training_documents(source: str, eval_every: int, text_column: str = "text", txt_documents: str = "file"):
+def training_documents(
+    source: str, holdout_every: int, text_column: str = "text", txt_documents: str = "file"
+):
     """A source's documents but the held-out ones (the tokenizer must not have seen the text
-    the eval loss is measured on): the same 1-in-`eval_every` split as data.eval_every."""
+    the eval loss is measured on): the same 1-in-`holdout_every` split as data.holdout_every."""
     for row in open_source(source, text_column, txt_documents):
-        if row["text"] and not (eval_every and is_eval_document(row["text"], eval_every)):
+        if row["text"] and not (holdout_every and is_eval_document(row["text"], holdout_every)):
             yield row["text"]

@@ -64,7 +64,7 @@ class TokenStream(IterableDataset):
     def _keep(self, text: str) -> bool:
         if self.cfg.eval_source is not None:
             return True  # the evaluation set is a separate source
-        held_out = is_eval_document(text, self.cfg.eval_every)
+        held_out = is_eval_document(text, self.cfg.holdout_every)
         return held_out if self.split == "eval" else not held_out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -140,7 +140,8 @@ class TokenStream(IterableDataset):
                     )
                     raise ValueError(
                         f"data source '{cfg.source_for(self.split)}' yielded no {self.split} "
-                        f"documents{empty}; check that it is not empty, its text column, and data.eval_every"
+                        f"documents{empty}; check that it is not empty, its text column, and "
+                        "data.holdout_every"
                     )
                 return  # a tiny source left this rank or worker without a part
             if self.infinite and cfg.mode == "pack" and whole_epoch and epoch_tokens < cfg.context_length:

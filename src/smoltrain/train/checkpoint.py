@@ -30,6 +30,7 @@ from smoltrain.train.parallel import (
     save_training_state,
     scatter_objects,
 )
+from smoltrain.train.spike_guard import SpikeGuard
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"  # written last: a checkpoint folder without it is ignored
@@ -75,7 +76,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    accelerator, model, optimizer, loader, cfg: TrainConfig, state: RunState, tokenizer, scaler=None
+    accelerator,
+    model,
+    optimizer,
+    loader,
+    cfg: TrainConfig,
+    state: RunState,
+    tokenizer,
+    scaler=None,
+    spike_guard: SpikeGuard | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: everything goes to a temporary folder that is
     renamed once complete, then `latest` is replaced. A kill at any point leaves the previous
@@ -109,6 +118,8 @@ def save_checkpoint(
             run = {"state": asdict(state), "config": cfg.to_dict(), "world_size": accelerator.num_processes}
             if scaler is not None:  # fp16's loss scale and its growth counter
                 run["grad_scaler"] = scaler.state_dict()
+            if spike_guard is not None:  # the recent good steps it judges spikes by
+                run["spike_guard"] = spike_guard.state_dict()
             (tmp / "trainer_state.json").write_text(json.dumps(run, indent=2))
             (tmp / COMPLETE).write_text(f"{state.step}\n")
             publish_folder(tmp, final, replace=True)
@@ -231,10 +242,18 @@ def checkpoint_config(path: Path) -> dict:
 
 
 def restore_checkpoint(
-    path: Path | None, accelerator, model, optimizer, loader, cfg: TrainConfig, scaler=None
+    path: Path | None,
+    accelerator,
+    model,
+    optimizer,
+    loader,
+    cfg: TrainConfig,
+    scaler=None,
+    spike_guard: SpikeGuard | None = None,
 ) -> RunState:
-    """Load model, optimizer, each rank's RNG state and data position, and fp16's loss scale;
-    the run's counters are returned. The model config must be the checkpoint's. Rank 0 reads
+    """Load model, optimizer, each rank's RNG state and data position, fp16's loss scale and
+    the spike guard's memory (a checkpoint from before it was saved leaves it empty); the
+    run's counters are returned. The model config must be the checkpoint's. Rank 0 reads
     the checkpoint (`path` is None on the other ranks) and sends each rank its part."""
     world = accelerator.num_processes
     parts, states = None, None
@@ -273,6 +292,8 @@ def restore_checkpoint(
         loader.load_state_dict(part["data"])
     if scaler is not None and "grad_scaler" in run:
         scaler.load_state_dict(run["grad_scaler"])
+    if spike_guard is not None and "spike_guard" in run:
+        spike_guard.load_state_dict(run["spike_guard"])
     return RunState(**run["state"])
 
 

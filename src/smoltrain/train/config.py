@@ -3,7 +3,9 @@ overrides through OmegaConf (which refuses unknown keys and names the nearest va
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    eval: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     output_dir: str = "runs/default"  # the run's folder: metrics, checkpoints, final/
@@ -169,6 +171,44 @@ def _explain(e: OmegaConfBaseException) -> str:
     return msg
 
 
+# keys renamed since: a config that still uses the old name is refused with the new one named;
+# a checkpoint's saved config (written before the rename) is read with its keys renamed
+RENAMED = {"data.eval_every": "data.holdout_every", "eval": "benchmarks"}
+
+
+def renamed_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with its old keys moved to their new names."""
+    saved = copy.deepcopy(saved)
+    for old, new in RENAMED.items():
+        *old_path, old_leaf = old.split(".")
+        *new_path, new_leaf = new.split(".")
+        holder = functools.reduce(lambda d, k: d.get(k, {}) if isinstance(d, dict) else {}, old_path, saved)
+        if isinstance(holder, dict) and old_leaf in holder:
+            target = functools.reduce(lambda d, k: d.setdefault(k, {}), new_path, saved)
+            target[new_leaf] = holder.pop(old_leaf)
+    return saved
+
+
+def refuse_old_keys(keys: list[str], where: str) -> None:
+    """`keys` (dotted, as a file or the command line gives them) hold no renamed key."""
+    for key in keys:
+        for old, new in RENAMED.items():
+            if key == old or key.startswith(old + "."):
+                raise ValueError(
+                    f"bad config: {where}: '{key}' was renamed '{new + key[len(old) :]}'; use the new name"
+                )
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Every leaf's dotted key in a nested dict (an empty section is one too)."""
+    if not isinstance(tree, dict) or not tree:
+        return [prefix]
+    keys = []
+    for name, sub in tree.items():
+        keys += _dotted_keys(sub, f"{prefix}.{name}" if prefix else str(name))
+    return keys
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -179,7 +219,7 @@ def load_config(
     try:
         cfg = OmegaConf.structured(TrainConfig)
         if base is not None:
-            cfg = OmegaConf.merge(cfg, base)
+            cfg = OmegaConf.merge(cfg, renamed_keys(base))
         if path is not None:
             if Path(path).is_dir():
                 raise ValueError(
@@ -187,10 +227,13 @@ def load_config(
                 )
             if not Path(path).is_file():
                 raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+            from_file = _read_yaml(Path(path))
+            refuse_old_keys(_dotted_keys(OmegaConf.to_container(from_file)), str(path))
+            cfg = OmegaConf.merge(cfg, from_file)
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key.sub=value, got {bad}")
+        refuse_old_keys([o.split("=", 1)[0].lstrip("+~") for o in overrides or []], "the command line")
         cfg = OmegaConf.merge(cfg, _read_overrides(overrides or []))
         result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -253,8 +296,8 @@ AT_LEAST_ONE = (
     "log.checkpoint_every",
     "resume.log_every",
     "data.tokenize_batch",
-    "eval.every",
-    "eval.batch_size",
+    "benchmarks.every",
+    "benchmarks.batch_size",
 )
 POSITIVE = ("optim.lr", "optim.muon_lr", "optim.eps", "train.loss_scale", "train.dist_timeout_minutes")
 AT_LEAST_ZERO = (
@@ -304,8 +347,10 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(str(e))
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
         problems.append(f"train.global_batch_size must be at least 1, got {cfg.train.global_batch_size}")
-    if cfg.eval.limit is not None and not cfg.eval.limit > 0:
-        problems.append(f"eval.limit must be above 0 (or unset for every item), got {cfg.eval.limit}")
+    if cfg.benchmarks.limit is not None and not cfg.benchmarks.limit > 0:
+        problems.append(
+            f"benchmarks.limit must be above 0 (or unset for every item), got {cfg.benchmarks.limit}"
+        )
     if cfg.export.gguf is not None:
         from smoltrain.formats.gguf import GGUF_DTYPES
 

@@ -26,7 +26,7 @@ from smoltrain.train.metrics import (
 )
 from smoltrain.train.output import export_final
 from smoltrain.train.setup import Run, Window
-from smoltrain.train.step import StepResult
+from smoltrain.train.step import StepResult, roll_back_if_spiking
 
 
 def _due(run: Run, every: int) -> bool:
@@ -74,7 +74,7 @@ def evaluate_and_log(run: Run) -> None:
 
 
 def benchmark_and_log(run: Run) -> None:
-    """lm-eval's tasks (eval.tasks) on the model as it is now, every rank scoring its share;
+    """lm-eval's tasks (benchmarks.tasks) on the model as it is now, every rank scoring its share;
     scores go to metrics.jsonl and the trackers as task/metric. The global RNG is put back
     afterwards (lm-eval seeds it), so a run with benchmarks trains as one without."""
     from smoltrain.evaluation.benchmarks import SmolLM, evaluate_tasks, scores
@@ -175,16 +175,22 @@ def checkpoint_now(run: Run) -> Path:
         run.state,
         run.tokenizer,
         run.scaler,
+        run.spike_guard,
     )
 
 
-def run_periodic_jobs(run: Run, result: StepResult, stopping: bool = False) -> None:
-    """After a step: log, evaluate, sample and checkpoint when due (and a checkpoint when
-    `stopping`). Their time is not counted in the next log line's speed."""
-    cfg, step = run.cfg, run.state.step
-    if result.skipped:  # nothing new to log or evaluate; a stop still checkpoints
+def run_periodic_jobs(run: Run, result: StepResult) -> None:
+    """After a step: the progress bar; log, evaluate, sample and checkpoint when due (and a
+    checkpoint when some rank was asked to stop). After a skipped step only the spike
+    guard's rollback, when due, or the stop's checkpoint. Their time is not counted in the
+    next log line's speed."""
+    cfg, step, stopping = run.cfg, run.state.step, result.stop
+    run.bar.update(step - run.bar.n)  # skipped steps count; a rollback moves it back
+    if result.skipped:  # nothing new to log or evaluate
         if stopping:
             checkpoint_now(run)
+        else:
+            roll_back_if_spiking(run)
         return
     if cfg.train.compile and step == run.start_step + 1 and run.accelerator.is_main_process:
         compile_s = time.perf_counter() - run.segment_start  # the first step compiles the model
@@ -209,7 +215,7 @@ def run_periodic_jobs(run: Run, result: StepResult, stopping: bool = False) -> N
     jobs_start = time.perf_counter()
     if _due(run, cfg.log.eval_every):
         evaluate_and_log(run)
-    if cfg.eval.tasks and _due(run, cfg.eval.every):
+    if cfg.benchmarks.tasks and _due(run, cfg.benchmarks.every):
         benchmark_and_log(run)
     if _due(run, cfg.log.sample_every):
         sample_and_log(run)
@@ -239,7 +245,7 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "rollbacks": state.rollbacks,
         "output_dir": str(out),
         "interrupted": interrupted,
-        "benchmarks": {k: v for k, v in run.last.items() if "/" in k},  # the latest eval.tasks scores
+        "benchmarks": {k: v for k, v in run.last.items() if "/" in k},  # the latest benchmarks.tasks scores
     }
     if state.step >= run.cfg.schedule.max_steps and state.step >= run.end_step and not interrupted:
         export_final(run.raw_model, run.accelerator, run.fsdp, out, run.tokenizer, run.cfg.export.gguf)

@@ -13,7 +13,7 @@ from smoltrain.atomic import FolderLock
 from smoltrain.train.config import TrainConfig
 from smoltrain.train.jobs import evaluate_and_log, finish, run_periodic_jobs
 from smoltrain.train.setup import setup_run
-from smoltrain.train.step import roll_back_if_spiking, train_step
+from smoltrain.train.step import train_step
 
 
 class StopRequested:
@@ -68,14 +68,9 @@ def train(
         run.start_eval_s = time.perf_counter() - run.segment_start
     stopping = False
     with StopRequested() as stop:
-        while run.state.step < run.end_step:
+        while run.state.step < run.end_step and not stopping:
             # a signal reaches ranks at different moments: they stop on the step any one saw it
             result = train_step(run, stop_requested=stop.signal is not None)
+            run_periodic_jobs(run, result)  # log, evaluate, checkpoint, roll back when due
             stopping = result.stop
-            if result.skipped and not stopping:
-                roll_back_if_spiking(run)
-                continue
-            run_periodic_jobs(run, result, stopping)
-            if stopping:
-                break
     return finish(run, interrupted=stopping)

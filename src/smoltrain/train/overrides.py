@@ -120,7 +120,7 @@ def cooldown_config(
 
 # Keys a resume may change freely: how the run is watched and run, not what it computes
 # (model keys are checked against the checkpoint's weights by restore_checkpoint).
-RESUME_SAFE_PREFIXES = ("log.", "resume.", "model.", "eval.", "output_dir")
+RESUME_SAFE_PREFIXES = ("log.", "resume.", "model.", "benchmarks.", "output_dir")
 RESUME_SAFE_KEYS = {
     "train.device",
     "train.compile",

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,6 +55,7 @@ from smoltrain.train.parallel import (
     broadcast_object,
     shard_model,
 )
+from smoltrain.train.spike_guard import SpikeGuard
 
 
 def setup_accelerator(cfg: TrainConfig):
@@ -212,8 +212,7 @@ class Run:
     bar: Any
     scaler: torch.amp.GradScaler | None  # fp16's loss scaling
     lock: FolderLock | None  # the output folder's, held by rank 0
-    good_steps: deque = field(default_factory=deque)  # (loss, grad norm) of recent good steps
-    recent_spikes: deque = field(default_factory=deque)  # steps the spike guard skipped
+    spike_guard: SpikeGuard  # its memory is checkpointed
     rollbacks_to: dict = field(default_factory=dict)  # checkpoint -> times rolled back to it
     window: Window = field(default_factory=Window)
     last: dict[str, float] = field(default_factory=dict)  # the latest logged figures
@@ -317,15 +316,16 @@ def setup_run(
         samples_per_step=sequences_per_step,
     )
 
-    if cfg.eval.tasks:  # lm-eval installed, every task known: said now, not at the first benchmark
+    if cfg.benchmarks.tasks:  # lm-eval installed, every task known: said now, not at the first benchmark
         from smoltrain.evaluation.benchmarks import check_tasks
 
-        check_tasks(cfg.eval.tasks, cfg.eval.include_path)
+        check_tasks(cfg.benchmarks.tasks, cfg.benchmarks.include_path)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
+    spike_guard = SpikeGuard(t.spike_factor, t.spike_window, t.spike_rollback)
     if resume:
         state = restore_checkpoint(
-            resume_dir, accelerator, raw_model, torch_optimizers(optimizers), loader, cfg, scaler
+            resume_dir, accelerator, raw_model, torch_optimizers(optimizers), loader, cfg, scaler, spike_guard
         )
         if accelerator.is_main_process and phase == "resume":
             truncate_metrics(out / "metrics.jsonl", state.step)
@@ -392,6 +392,7 @@ def setup_run(
         started=started,
         scaler=scaler,
         lock=lock,
+        spike_guard=spike_guard,
     )
     if accelerator.is_main_process:
         print_start(start_summary(run, process_tweaks))

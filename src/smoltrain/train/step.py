@@ -44,8 +44,8 @@ def zero_grad(run: Run) -> None:
 
 def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     """One optimizer step: gradients accumulated over `grad_accum_steps` micro-batches (synced
-    across ranks on the last), clipped, applied. A non-finite loss or gradient norm skips the
-    update and counts the step; `train.max_bad_steps` of those in a row stop the run. Under
+    across ranks on the last), clipped, applied. A non-finite loss or gradient norm, or a
+    spike, skips the update and counts the step (`skip_step`). Under
     fp16, gradients that overflow halve the loss scale and the step is retried on the next
     batches, uncounted (GradScaler's search for a scale; Megatron's policy too); overflows at
     a scale below 1 are non-finite steps."""
@@ -82,12 +82,14 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     # the one host sync per step: the figures come back together
     loss_value, grad_norm_value, stop = torch.stack([step_loss, grad_norm.float(), stops]).tolist()
     stop = stop > 0
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-        zero_grad(run)
+    finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+    result = StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
+    if not finite or run.spike_guard.is_spike(loss_value, grad_norm_value):
         overflow_scale = scaler.get_scale() if scaler else 0.0
+        zero_grad(run)
         if scaler:
-            scaler.update()  # halves the scale; the next unscale_ needs this step's update
-        if math.isfinite(loss_value) and overflow_scale >= 1.0:
+            scaler.update()  # halves the scale after an overflow; the next unscale_ needs it
+        if not finite and math.isfinite(loss_value) and overflow_scale >= 1.0:
             # GradScaler's normal search for a scale: not a step (the schedule waits for it)
             state.overflow_steps += 1
             if accelerator.is_main_process:
@@ -96,40 +98,9 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
                     f"{overflow_scale:g}; skipped, retried at half the scale",
                     file=sys.stderr,
                 )
-            return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
-        state.step += 1
-        state.bad_steps += 1
-        state.skipped_steps += 1
-        if cfg.train.spike_factor > 0:  # the guard counts it as a spike: a rollback comes first
-            run.recent_spikes.append(state.step)
-        if accelerator.is_main_process:
-            print(f"step {state.step}: loss {loss_value} is not finite; skipped", file=sys.stderr)
-        if state.bad_steps >= cfg.train.max_bad_steps:
-            raise TrainingError(
-                f"{state.bad_steps} non-finite steps in a row at step {state.step}; stopping. "
-                f"The last good checkpoint is in {checkpoint_root(run.out)}; lower optim.lr or "
-                "check the data (under fp16, try bf16 or fp32), then resume from it"
-            )
-        return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
-    if is_spike(run, loss_value, grad_norm_value):
-        zero_grad(run)
-        if scaler:
-            scaler.update()
-        state.step += 1
-        state.spike_steps += 1
-        run.recent_spikes.append(state.step)
-        run.metrics.write(
-            state.step, event="spike_skipped", spike_loss=loss_value, spike_grad_norm=grad_norm_value
-        )
-        if accelerator.is_main_process:
-            print(
-                f"step {state.step}: loss {loss_value:.3f} / grad norm {grad_norm_value:.3f} spiked; skipped",
-                file=sys.stderr,
-            )
-        return StepResult(loss_value, grad_norm_value, lr, skipped=True, stop=stop)
-    run.good_steps.append((loss_value, grad_norm_value))
-    if len(run.good_steps) > cfg.train.spike_window:
-        run.good_steps.popleft()
+            return result
+        return skip_step(run, result, spike=finite)
+    run.spike_guard.record_good(loss_value, grad_norm_value)
     # the norm was finite, so are the gradients: step without GradScaler.step's own host sync
     for optimizer in run.optimizers:
         optimizer.step()
@@ -141,20 +112,36 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     state.tokens += run.tokens_per_step
     run.window.loss += loss_value
     run.window.steps += 1
-    run.bar.update(1)
-    return StepResult(loss_value, grad_norm_value, lr, skipped=False, stop=stop)
+    result.skipped = False
+    return result
 
 
-def is_spike(run: Run, loss: float, grad_norm: float) -> bool:
-    """Whether the loss or the grad norm jumps above `train.spike_factor` times its mean over
-    the last `train.spike_window` good steps (judged once that many are seen; every rank
-    decides alike, from the reduced figures)."""
-    t = run.cfg.train
-    if t.spike_factor <= 0 or len(run.good_steps) < t.spike_window:
-        return False
-    mean_loss = sum(loss for loss, _ in run.good_steps) / len(run.good_steps)
-    mean_norm = sum(norm for _, norm in run.good_steps) / len(run.good_steps)
-    return loss > t.spike_factor * mean_loss or (mean_norm > 0 and grad_norm > t.spike_factor * mean_norm)
+def skip_step(run: Run, result: StepResult, spike: bool) -> StepResult:
+    """Count a step that made no update: a loss spike (the guard's), or a non-finite loss or
+    gradient norm (`train.max_bad_steps` of those in a row stop the run). Both count toward
+    the guard's rollback."""
+    state, cfg = run.state, run.cfg
+    state.step += 1
+    run.spike_guard.record_skip(state.step)
+    if spike:
+        state.spike_steps += 1
+        run.metrics.write(
+            state.step, event="spike_skipped", spike_loss=result.loss, spike_grad_norm=result.grad_norm
+        )
+        what = f"loss {result.loss:.3f} / grad norm {result.grad_norm:.3f} spiked"
+    else:
+        state.bad_steps += 1
+        state.skipped_steps += 1
+        what = f"loss {result.loss} is not finite"
+    if run.accelerator.is_main_process:
+        print(f"step {state.step}: {what}; skipped", file=sys.stderr)
+    if not spike and state.bad_steps >= cfg.train.max_bad_steps:
+        raise TrainingError(
+            f"{state.bad_steps} non-finite steps in a row at step {state.step}; stopping. "
+            f"The last good checkpoint is in {checkpoint_root(run.out)}; lower optim.lr or "
+            "check the data (under fp16, try bf16 or fp32), then resume from it"
+        )
+    return result
 
 
 def roll_back_if_spiking(run: Run) -> None:
@@ -162,16 +149,14 @@ def roll_back_if_spiking(run: Run) -> None:
     last checkpoint's weights, optimizer and counters, and go on with the data where it is:
     the window that caused the spikes is not read again."""
     t, state = run.cfg.train, run.state
-    while run.recent_spikes and run.recent_spikes[0] <= state.step - t.spike_window:
-        run.recent_spikes.popleft()
-    if len(run.recent_spikes) < t.spike_rollback:
+    if not run.spike_guard.rollback_due(state.step):
         return
     is_main = run.accelerator.is_main_process
     latest = resolve_checkpoint_dir(str(checkpoint_root(run.out)), required=False) if is_main else None
     target = broadcast_object(str(latest) if latest else None, run.accelerator)
     if target is None:
         raise TrainingError(
-            f"{len(run.recent_spikes)} loss spikes within {t.spike_window} steps at step {state.step} "
+            f"{len(run.spike_guard.skips)} loss spikes within {t.spike_window} steps at step {state.step} "
             "and no checkpoint to roll back to; lower optim.lr, check the data, or raise train.spike_factor"
         )
     saved = json.loads((Path(target) / "trainer_state.json").read_text()) if is_main else None
@@ -188,7 +173,7 @@ def roll_back_if_spiking(run: Run) -> None:
     load_training_state(run.raw_model, run.torch_optimizers, states, run.accelerator.num_processes > 1)
     if run.scaler is not None and "grad_scaler" in saved:
         run.scaler.load_state_dict(saved["grad_scaler"])
-    spiked, back_to = list(run.recent_spikes), saved["state"]["step"]
+    spiked, back_to = list(run.spike_guard.skips), saved["state"]["step"]
     run.metrics.truncate(back_to)
     if is_main:
         print(
@@ -199,6 +184,6 @@ def roll_back_if_spiking(run: Run) -> None:
     state.step, state.tokens = back_to, saved["state"]["tokens"]
     state.rollbacks += 1
     run.metrics.write(back_to, event="rolled_back", spike_steps=spiked, rolled_back_from=spiked[-1])
-    run.recent_spikes.clear()  # the good steps' history stays: the guard stays armed
+    run.spike_guard.skips.clear()  # the good steps' history stays: the guard stays armed
     state.bad_steps = 0
     run.window = Window()
