@@ -3,7 +3,7 @@ import errno
 import pytest
 
 from smoltrain.atomic import publish_folder, write_atomic
-from smoltrain.errors import TrainingError
+from smoltrain.errors import WriteError
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
@@ -14,7 +14,7 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
         p.write_text("half of the new")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(TrainingError, match="could not write state.json: no space left on the device") as e:
+    with pytest.raises(WriteError, match="could not write state.json: no space left on the device") as e:
         write_atomic(path, failing_writer)
     assert "MB free on the filesystem at" in str(e.value) and "previous version is intact" in str(e.value)
     assert path.read_text() == "old\n"
@@ -56,7 +56,7 @@ def test_every_way_a_write_fails_is_one_message_and_leaves_no_staging_file(tmp_p
         p.write_bytes(b"partial")
         raise error
 
-    with pytest.raises(TrainingError, match=f"could not write out.bin: {words}") as e:
+    with pytest.raises(WriteError, match=f"could not write out.bin: {words}") as e:
         write_atomic(tmp_path / "out.bin", failing_writer)
     assert "MB free on the filesystem at" in str(e.value) and "nothing was written" in str(e.value)
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ LAYERS = [  # lowest first; a module's layer is that of its longest matching pre
     ("data",),
     ("evaluation",),
     ("train",),
-    ("cli", "app", "__main__", ""),
+    ("cli", "cli_args", "app", "__main__", ""),
 ]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from smoltrain.errors import TrainingError
+from smoltrain.errors import FolderInUse, WriteError
 
 
 def cache_dir() -> Path:
@@ -42,7 +42,7 @@ def check_cache_dir() -> None:
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         set_by = "$SMOLTRAIN_CACHE" if os.environ.get("SMOLTRAIN_CACHE") else "the default"
-        raise TrainingError(
+        raise WriteError(
             f"the cache folder {path} ({set_by}) is not writable ({e.strerror}); point SMOLTRAIN_CACHE "
             "at a folder you can write"
         ) from None
@@ -85,7 +85,7 @@ def write_failure(e: BaseException, path: str | Path) -> str | None:
     """What a failed write of `path` means, in words, with the filesystem and its free space;
     None when `e` is no write failure. safetensors and torch.save do not raise OSError:
     safetensors names the OS error's number, torch.save's message never says "disk"."""
-    if isinstance(e, TrainingError) and e.__cause__ is not None:  # write_atomic's, raised through
+    if isinstance(e, WriteError) and e.__cause__ is not None:  # write_atomic's, raised through
         e = e.__cause__
     code = getattr(e, "errno", None) if isinstance(e, OSError) else None
     found = re.search(r"os error (\d+)", str(e))
@@ -105,8 +105,8 @@ def raise_write_failure(e: BaseException, path: str | Path, advice: str) -> None
     failure = write_failure(e, path)
     if failure is None:
         raise e
-    cause = e.__cause__ if isinstance(e, TrainingError) and e.__cause__ is not None else e
-    raise TrainingError(f"could not write {Path(path).name}: {failure}; {advice}") from cause
+    cause = e.__cause__ if isinstance(e, WriteError) and e.__cause__ is not None else e
+    raise WriteError(f"could not write {Path(path).name}: {failure}; {advice}") from cause
 
 
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> None:
@@ -228,7 +228,7 @@ class FolderLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise TrainingError(
+            raise FolderInUse(
                 f"output folder '{folder}' is in use by {holder}; wait for it to end (or stop it), {advice}"
             ) from None
         self.file.seek(0)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from smoltrain.formats.model_io import save_model
+from smoltrain.cli_args import build_parser, config_flags
 
 DTYPES = {  # the spellings in use: torch's, the short ones, GGUF's
     "float32": "float32",
@@ -20,12 +20,6 @@ DTYPES = {  # the spellings in use: torch's, the short ones, GGUF's
     "f16": "float16",
     "half": "float16",
 }
-
-
-COMPILE_HELP = (
-    "compile the decode step with torch.compile: on CPU about 2x faster at batch 1, after 20-40 s "
-    "of compiling (again for each new cache size: 256, 512, ... tokens); worth it for long outputs"
-)
 
 
 def _dtype(name: str, device: str):
@@ -124,7 +118,7 @@ def check_output_folder(folder: Path, overwrite: bool, what: str) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from smoltrain.atomic import staged_folder
-    from smoltrain.formats.model_io import load_model
+    from smoltrain.formats.model_io import load_model, save_model
     from smoltrain.tokenizer import load_tokenizer, own_tokenizer_source
 
     dst = Path(args.dst)
@@ -180,13 +174,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from smoltrain.train.loop import train
     from smoltrain.train.overrides import config_for_cli
 
-    flags = {
-        "output_dir": args.output_dir,
-        "max_steps": args.max_steps,
-        "seed": args.seed,
-        "log_every": args.log_every,
-        "device": args.device,
-    }
+    flags = config_flags(args)
     cfg = config_for_cli(
         args.config, args.overrides, args.phase, args.checkpoint, flags, args.allow_config_changes, args.steps
     )
@@ -277,14 +265,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_results(results, args.output)
 
 
-def _limit(value: str) -> float:
-    """lm-eval's --limit: a count of items, or a fraction of each task below 1."""
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return number
-
-
 def check_port_free(host: str, port: int) -> None:
     """A busy port, said before the model loads (gradio said it 15 s later, with advice for
     its Python API)."""
@@ -345,166 +325,16 @@ def _trains_on_cpu_with_tuning(args: argparse.Namespace) -> bool:
     return device == "cpu" or (device == "auto" and not gpu_driver)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="smoltrain", description=__doc__, epilog="--debug (anywhere): show the traceback of an error"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate text from a model, streamed as it is produced")
-    g.add_argument("--model", default="smollm2", help="HF folder, .gguf file, hub name or 'smollm2'")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    g.set_defaults(func=cmd_generate)
-
-    c = sub.add_parser(
-        "convert",
-        help="convert a model into an HF folder, or into a .gguf file for llama.cpp",
-        description="Write SRC as a Hugging Face folder, or, when DST ends in .gguf, as one GGUF file "
-        "(weights and tokenizer) that llama.cpp, Ollama and LM Studio run.",
-    )
-    c.add_argument("src", help="HF folder, run's final/ or step-N, .gguf file, hub name or 'smollm2'")
-    c.add_argument("dst", type=Path, help="output folder, or a file name ending in .gguf")
-    c.add_argument("--tokenizer", default=None, help="tokenizer to write too (default: the model's own)")
-    c.add_argument(
-        "--dtype",
-        default=None,
-        help="folder: float32 (default), bfloat16, float16; .gguf: f32, f16 (default), bf16, q8_0",
-    )
-    c.add_argument("--overwrite", action="store_true", help="replace a file or a folder that is not empty")
-    c.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser(
-        "prepare",
-        help="tokenize a source once into shards that training reads (data.source=OUT_DIR)",
-        description="Tokenize SOURCE (anything data.source accepts) into shards of token ids in OUT_DIR; "
-        "an interrupted prepare resumes when run again.",
-    )
-    p.add_argument("source", help="hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs")
-    p.add_argument("out_dir", type=Path, help="output folder (new, empty, or an interrupted prepare)")
-    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer spec, as the config's tokenizer key")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument(  # --eval-every: its name before data.eval_every became data.holdout_every
-        "--holdout-every", "--eval-every", type=int, default=200, help="hold out 1 in K documents (0: none)"
-    )
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
-    p.add_argument("--shard-documents", type=int, default=10_000, help="source documents per shard")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)
-
-    tok = sub.add_parser("tokenizer", help="tokenizer tools: train one on your corpus")
-    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
-    tt = tok_sub.add_parser(
-        "train",
-        help="train a byte-level BPE tokenizer (SmolLM2's kind) on a source",
-        description="Learn a byte-level BPE tokenizer from SOURCE's training documents (the held-out ones "
-        "excluded, as data.holdout_every splits them) with the tokenizers library, into OUT_DIR.",
-    )
-    tt.add_argument("source", help="hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs")
-    tt.add_argument("out_dir", type=Path, help="output folder (tokenizer.json and its config)")
-    tt.add_argument("--vocab-size", type=int, required=True, help="tokens, special tokens included")
-    tt.add_argument("--min-frequency", type=int, default=2, help="a merge needs a pair seen this often")
-    tt.add_argument("--chat-template", action="store_true", help="add SmolLM2's ChatML chat template")
-    tt.add_argument(
-        "--holdout-every",
-        "--eval-every",
-        type=int,
-        default=200,
-        help="leave out the 1-in-K held-out documents",
-    )
-    tt.add_argument("--text-column", default="text")
-    tt.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
-    tt.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
-    tt.set_defaults(func=cmd_tokenizer_train)
-
-    e = sub.add_parser(
-        "eval",
-        help="benchmark scores through lm-evaluation-harness (hellaswag, arc_easy, ..., or smollm2)",
-        description="Score a model on lm-eval tasks: a table, and lm-eval's results JSON with --output.",
-    )
-    e.add_argument("--model", default="smollm2", help="HF folder, run's final/ or step-N, .gguf, hub name")
-    e.add_argument(
-        "--tasks", required=True, help="comma-separated lm-eval task names, or smollm2 (its suite)"
-    )
-    e.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs")
-    e.add_argument("--limit", type=_limit, default=None, help="items per task (or a fraction below 1)")
-    e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--output", type=Path, default=None, help="write lm-eval's results JSON here")
-    e.add_argument("--log-samples", action="store_true", help="keep each item's scores in the JSON")
-    e.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
-    e.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
-    e.add_argument("--device", default="auto")
-    e.set_defaults(func=cmd_eval)
-
-    t = sub.add_parser(
-        "train",
-        help="train a model (see configs/)",
-        description="Train from a YAML config; dotted overrides like optim.lr=3e-4 follow the flags.",
-    )
-    t.add_argument("--config", default=None, help="YAML file (configs/quickstart.yaml, ...)")
-    t.add_argument(
-        "--phase",
-        choices=["init", "resume", "cooldown"],
-        default="init",
-        help="cooldown: branch a linear decay to 0 off a wsd run's --checkpoint, for --steps steps",
-    )
-    t.add_argument("--steps", type=int, default=None, help="cooldown: the decay's length in steps")
-    t.add_argument("--checkpoint", default=None, help="resume from: step-N folder, run folder, or .../latest")
-    t.add_argument("--output-dir", default=None)
-    t.add_argument("--max-steps", type=int, default=None, help="length of the schedule")
-    t.add_argument(
-        "--stop-at-step", type=int, default=None, help="checkpoint at K and stop (schedule unchanged)"
-    )
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--log-every", type=int, default=None)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
-    t.add_argument(
-        "--allow-config-changes",
-        action="store_true",
-        help="resume with batch, schedule, precision or data keys that differ from the checkpoint's",
-    )
-    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=8")
-    t.set_defaults(func=cmd_train)
-
-    env = sub.add_parser(
-        "env",
-        help="what this machine can do, what auto picks, and the memory a run needs (paste into bug reports)",
-        description="Versions, devices, the CPU's extensions and measured matmul speeds, the precision and "
-        "kernels `auto` picks, installed extras, and the training memory of a preset at a micro-batch "
-        "and context.",
-    )
-    env.add_argument("--preset", default="smollm2-135m", help="model preset for the memory estimate")
-    env.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
-    env.add_argument("--context", type=int, default=256, help="tokens per sequence")
-    env.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    env.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    env.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    env.set_defaults(func=cmd_env)
-
-    s = sub.add_parser("serve", help="serve a model in a Gradio web app")
-    s.add_argument("--model", default="smollm2", help="HF folder, run's final/ or step-N, .gguf, hub name")
-    s.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    s.set_defaults(func=cmd_serve)
-    return parser
+COMMANDS = {  # the sub-command (and the tokenizer's own) -> what runs it
+    "generate": cmd_generate,
+    "convert": cmd_convert,
+    "prepare": cmd_prepare,
+    "tokenizer train": cmd_tokenizer_train,
+    "eval": cmd_eval,
+    "train": cmd_train,
+    "env": cmd_env,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -524,12 +354,12 @@ def main(argv: list[str] | None = None) -> None:
 
             relaunch_with_lean_malloc()  # needs a fresh process: glibc reads it at start-up
     from smoltrain.atomic import check_cache_dir
-    from smoltrain.errors import TrainingError
+    from smoltrain.errors import UserError
 
     try:
         check_cache_dir()
-        args.func(args)
-    except (ValueError, OSError, TrainingError) as e:
+        COMMANDS[" ".join(filter(None, [args.command, getattr(args, "tokenizer_command", None)]))](args)
+    except (ValueError, OSError, UserError) as e:
         # Errors at the edges carry a message that names the fix; a traceback adds nothing.
         if debug:
             raise

@@ -137,6 +137,21 @@ def _check_sampling(
 
 
 @torch.inference_mode()
+def stop_and_pad_ids(
+    model: CustomLLM, eos_token_id: int | list[int] | None, pad_token_id: int | None
+) -> tuple[list[int], int]:
+    """The ids that end a row (the model's EOS by default; [] for none) and the id a finished
+    row yields (the model's pad id, else the first EOS, else 0)."""
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    return eos_ids, pad_token_id
+
+
 def stream_generate(
     model: CustomLLM,
     input_ids: torch.Tensor,
@@ -163,17 +178,9 @@ def stream_generate(
             f"the prompt has {T} tokens but the model's context is {context}; shorten the prompt"
         )
     max_new_tokens = min(max_new_tokens, context - T)  # never run past the rotary table
-    if eos_token_id is None:
-        eos_token_id = model.config.eos_token_id
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos_ids, pad_token_id = stop_and_pad_ids(model, eos_token_id, pad_token_id)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=model.device)
-    if pad_token_id is None:
-        pad_token_id = model.config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
 
     input_ids = input_ids.to(model.device)
     if attention_mask is not None:

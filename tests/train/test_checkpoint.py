@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from smoltrain.errors import TrainingError
+from smoltrain.errors import CheckpointError
 from smoltrain.train.checkpoint import (
     COMPLETE,
     prune_checkpoints,
@@ -29,9 +29,9 @@ def test_resolve_accepts_what_a_user_points_at(tmp_path):
     for spec in (step4, root / "latest", root, tmp_path / "run"):
         assert resolve_checkpoint_dir(str(spec)) == step4
     partial = fake_checkpoint(root, 6, complete=False)
-    with pytest.raises(TrainingError, match=f"incomplete.*interrupted.*--checkpoint {step4}$"):
+    with pytest.raises(CheckpointError, match=f"incomplete.*interrupted.*--checkpoint {step4}$"):
         resolve_checkpoint_dir(str(partial))
-    with pytest.raises(TrainingError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_dir(str(tmp_path / "nowhere"))
     assert resolve_checkpoint_dir(str(partial), required=False) is None
 
@@ -52,23 +52,23 @@ def test_a_broken_checkpoint_names_its_file_and_the_newest_older_one(tmp_path):
     step2, step4, step6 = (fake_checkpoint(root, n) for n in (2, 4, 6))
     (step6 / "trainer_state.json").write_text('{"state": ')
     with pytest.raises(
-        TrainingError, match=f"step-6: trainer_state.json is not valid JSON.*--checkpoint {step4}$"
+        CheckpointError, match=f"step-6: trainer_state.json is not valid JSON.*--checkpoint {step4}$"
     ):
         resolve_checkpoint_dir(str(step6))
     weights = (step4 / "model.safetensors").read_bytes()
     (step4 / "model.safetensors").write_bytes(weights[: len(weights) - 8])  # truncated
     with pytest.raises(
-        TrainingError, match=f"step-4: model.safetensors is unreadable.*--checkpoint {step2}$"
+        CheckpointError, match=f"step-4: model.safetensors is unreadable.*--checkpoint {step2}$"
     ):
         resolve_checkpoint_dir(str(step4))
     (step2 / "optimizer.pt").write_bytes(b"")
     with pytest.raises(
-        TrainingError, match="step-2: optimizer.pt is missing or empty.*start again with --phase init"
+        CheckpointError, match="step-2: optimizer.pt is missing or empty.*start again with --phase init"
     ):
         resolve_checkpoint_dir(str(step2))
     stray = tmp_path / "photos"
     stray.mkdir()
-    with pytest.raises(TrainingError, match="is not a checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
         resolve_checkpoint_dir(str(stray))
 
 

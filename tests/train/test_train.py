@@ -379,7 +379,7 @@ def small_run_config(tmp_path: Path, *extra: str):
     from smoltrain.train.overrides import config_for_cli
 
     args = small_run_args(tmp_path, "py", *extra)
-    return config_for_cli(args[1], args[6:], "init", None, {"output_dir": args[3], "device": "cpu"})
+    return config_for_cli(args[1], args[6:], "init", None, {"output_dir": args[3], "train.device": "cpu"})
 
 
 def test_train_step_alone_and_the_non_finite_policy(tmp_path):

@@ -38,7 +38,7 @@ import numpy as np
 
 from smoltrain.atomic import FolderLock, refuse_foreign_files, write_atomic
 from smoltrain.data.sources import MANIFEST, PROGRESS, check_text, is_eval_document, open_source
-from smoltrain.errors import TrainingError
+from smoltrain.errors import DataError
 from smoltrain.tokenizer import load_tokenizer
 
 FORMAT = "smoltrain-shards/1"
@@ -373,13 +373,13 @@ def _npy_length(path: Path) -> int:
             shape, _, dtype = (npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0)(f)
             data_start = f.tell()
     except FileNotFoundError:
-        raise TrainingError(f"{path} is missing") from None
+        raise DataError(f"{path} is missing") from None
     except (ValueError, OSError, EOFError) as e:
         reason = str(e).splitlines()[0] if str(e) else "empty"
-        raise TrainingError(f"{path} is not a readable .npy file ({reason})") from None
+        raise DataError(f"{path} is not a readable .npy file ({reason})") from None
     expected, size = data_start + int(np.prod(shape)) * dtype.itemsize, path.stat().st_size
     if size != expected:
-        raise TrainingError(f"{path} is cut short: {size:,} bytes where its header promises {expected:,}")
+        raise DataError(f"{path} is cut short: {size:,} bytes where its header promises {expected:,}")
     return int(shape[0]) if shape else 0
 
 
@@ -394,11 +394,11 @@ def check_shard_files(folder: Path, shards: list[dict[str, Any]], split: str) ->
         try:
             tokens = _npy_length(stem.with_name(stem.name + ".npy"))
             offsets = _npy_length(stem.with_name(stem.name + ".docs.npy"))
-        except TrainingError as e:
-            raise TrainingError(f"prepared data in {folder} is damaged: {e}; {fix}") from None
+        except DataError as e:
+            raise DataError(f"prepared data in {folder} is damaged: {e}; {fix}") from None
         want_tokens, want_documents = shard[f"{prefix}tokens"], shard[f"{prefix}documents"]
         if tokens != want_tokens or offsets != want_documents + 1:
-            raise TrainingError(
+            raise DataError(
                 f"{stem}.npy holds {tokens:,} tokens and {offsets - 1:,} documents where {MANIFEST} "
                 f"says {want_tokens:,} and {want_documents:,}: the folder was edited or damaged; {fix}"
             )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from smoltrain.errors import TrainingError
+from smoltrain.errors import MissingExtra, TrainingError
 
 # SmolLM2's zero-shot suite (its model card): lm-eval's names for each benchmark
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -47,7 +47,7 @@ except ImportError:  # the `eval` extra is not installed: require_lm_eval() says
 
 def require_lm_eval() -> None:
     if TemplateLM is object:
-        raise TrainingError(
+        raise MissingExtra(
             "benchmarks need lm-evaluation-harness, which is not installed; pip install "
             "'smoltrain[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
         )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from smoltrain.atomic import publish_folder, write_atomic, write_failure
-from smoltrain.errors import TrainingError
+from smoltrain.errors import CheckpointError, WriteError
 from smoltrain.train.config import TrainConfig
 from smoltrain.train.parallel import (
     broadcast_object,
@@ -138,7 +138,7 @@ def save_checkpoint(
         )
     error = broadcast_object(error, accelerator)  # every rank stops, none waits on rank 0
     if error:
-        raise TrainingError(error)
+        raise WriteError(error)
     return final
 
 
@@ -173,18 +173,18 @@ def resolve_checkpoint_dir(spec: str, required: bool = True) -> Path | None:
         return None
     if not path.exists():
         if Path(spec).resolve() != path.resolve():  # `latest` names a folder that is gone
-            raise TrainingError(
+            raise CheckpointError(
                 f"'{spec}' points at {path.name}, which no longer exists (deleted?); {_older_advice(path)}"
             )
-        raise TrainingError(
+        raise CheckpointError(
             f"checkpoint '{spec}' does not exist; pass a checkpoints/step-N folder or a run folder"
         )
     if not any((path / name).exists() for name in (COMPLETE, "trainer_state.json", "model.safetensors")):
-        raise TrainingError(
+        raise CheckpointError(
             f"'{spec}' is not a checkpoint (no {COMPLETE}, trainer_state.json or model.safetensors in it); "
             "pass a checkpoints/step-N folder, a run folder or its checkpoints/latest"
         )
-    raise TrainingError(
+    raise CheckpointError(
         f"checkpoint '{spec}' is incomplete (no {COMPLETE} marker or trainer_state.json): it was "
         f"interrupted while being written; {_older_advice(path)}"
     )
@@ -212,8 +212,8 @@ def check_checkpoint(path: Path) -> None:
     a broken trainer_state.json, a truncated or empty model.safetensors or optimizer.pt."""
     from safetensors import safe_open
 
-    def broken(name: str, what: str) -> TrainingError:
-        return TrainingError(f"checkpoint {path}: {name} is {what}; {_older_advice(path)}")
+    def broken(name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {name} is {what}; {_older_advice(path)}")
 
     try:
         json.loads((path / "trainer_state.json").read_text())
@@ -236,9 +236,28 @@ def check_checkpoint(path: Path) -> None:
         raise broken("optimizer.pt", "missing or empty")
 
 
+def trainer_state(path: Path) -> dict:
+    """trainer_state.json: the run's counters ("state"), its resolved config, the process
+    count, fp16's loss scale and the spike guard's memory."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
 def checkpoint_config(path: Path) -> dict:
     """The resolved config a checkpoint was trained with."""
-    return json.loads((path / "trainer_state.json").read_text())["config"]
+    return trainer_state(path)["config"]
+
+
+def roll_back_to(path: Path | None, accelerator, model, optimizers, scaler=None) -> dict:
+    """Load checkpoint `path`'s weights, optimizer state and loss scale into the running
+    model (rank 0 reads, `path` is None on the others) and return its trainer state; the RNG
+    and the data position stay as they are, so the data moves on."""
+    saved = broadcast_object(trainer_state(path) if path is not None else None, accelerator)
+    tied = model.config.tie_word_embeddings
+    states = read_training_state(model, path, tied) if path is not None else None
+    load_training_state(model, optimizers, states, accelerator.num_processes > 1)
+    if scaler is not None and "grad_scaler" in saved:
+        scaler.load_state_dict(saved["grad_scaler"])
+    return saved
 
 
 def restore_checkpoint(
@@ -258,7 +277,7 @@ def restore_checkpoint(
     world = accelerator.num_processes
     parts, states = None, None
     if accelerator.is_main_process:
-        run = json.loads((path / "trainer_state.json").read_text())
+        run = trainer_state(path)
         saved = run["config"]["model"]
         error = None
         if (saved["preset"], saved["overrides"]) != (cfg.model.preset, cfg.model.overrides):
@@ -272,7 +291,7 @@ def restore_checkpoint(
             try:
                 states = read_training_state(model, path, model.config.tie_word_embeddings)
                 ranks = [_rank_part(path, rank, world, run, cfg) for rank in range(world)]
-            except TrainingError as e:
+            except CheckpointError as e:
                 error = str(e)
         parts = [{"run": run, "error": error, **(part or {"rng": None, "data": None})} for part in ranks]
         if error is None and any(p["data"] is None for p in parts):
@@ -284,7 +303,7 @@ def restore_checkpoint(
             )
     part = scatter_objects(parts, accelerator)
     if part["error"]:
-        raise TrainingError(part["error"])
+        raise CheckpointError(part["error"])
     run = part["run"]
     load_training_state(model, optimizer, states, world > 1)
     set_rng_state(part["rng"])

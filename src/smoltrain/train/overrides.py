@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from smoltrain.train.checkpoint import (
     CHECKPOINTS,
     checkpoint_config,
     resolve_checkpoint_dir,
+    trainer_state,
 )
 from smoltrain.train.config import TrainConfig, load_config
 from smoltrain.train.metrics import (
@@ -25,7 +25,7 @@ def config_for_cli(
     overrides: list[str],
     phase: str,
     checkpoint: str | None,
-    flags: dict[str, Any],
+    flags: dict[str, Any],  # config key -> a flag's value (None: not given); they win
     allow_config_changes: bool = False,
     cooldown_steps: int | None = None,
 ) -> TrainConfig:
@@ -47,7 +47,7 @@ def config_for_cli(
         if flags.get("output_dir") is None:
             flags = {**flags, "output_dir": str(run_folder)}
     # flags win over the file and the dotted overrides
-    dotted = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
+    dotted = [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = load_config(config_path, [*overrides, *dotted], base=base)
     changed = resume_changes(base, cfg) if base is not None else []
     if changed and not allow_config_changes:
@@ -74,18 +74,18 @@ def cooldown_config(
         raise TrainingError("--phase cooldown needs --checkpoint DIR (a step-N folder or run) and --steps N")
     if steps < 1:
         raise TrainingError(f"--steps must be at least 1 (the decay's length), got {steps}")
-    if flags.get("max_steps") is not None:
+    if flags.get("schedule.max_steps") is not None:
         raise TrainingError(
             "--phase cooldown sets the schedule's end itself (step K + --steps); drop --max-steps"
         )
     ckpt = resolve_checkpoint_dir(checkpoint, required=os.environ.get("RANK", "0") == "0")
-    dotted = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
+    dotted = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if ckpt is None:  # a rank on a node without the checkpoint: rank 0's config arrives at set-up
         run_folder = _run_folder(Path(checkpoint))
         out = flags.get("output_dir") or str(run_folder.parent / f"{run_folder.name}-cooldown-{steps}")
         return load_config(config_path, [*overrides, *dotted, f"output_dir={out}"])
     base = checkpoint_config(ckpt)
-    step = json.loads((ckpt / "trainer_state.json").read_text())["state"]["step"]
+    step = trainer_state(ckpt)["state"]["step"]
     schedule = load_config(base=base).schedule
     if schedule.kind != "wsd":
         raise TrainingError(
@@ -154,12 +154,3 @@ def _run_folder(spec: Path) -> Path:
     if spec.name == "latest" or spec.name.startswith("step-"):
         spec = spec.parent
     return spec.parent if spec.name == CHECKPOINTS else spec
-
-
-_FLAG_KEYS = {  # CLI flag -> config key
-    "output_dir": "output_dir",
-    "max_steps": "schedule.max_steps",
-    "seed": "train.seed",
-    "log_every": "log.log_every",
-    "device": "train.device",
-}

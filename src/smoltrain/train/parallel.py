@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoltrain.atomic import plain_permissions
-from smoltrain.errors import TrainingError
+from smoltrain.errors import CheckpointError
 from smoltrain.model.model import CustomLLM
 
 _FULL = dict(full_state_dict=True, cpu_offload=True)
@@ -124,13 +124,13 @@ def read_state_file(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise TrainingError(
+        raise CheckpointError(
             f"{path} holds more than tensors, numbers and text ({refused}); smoltrain reads "
             "checkpoints as data and runs no code stored in one. Resume only from checkpoints "
             "smoltrain wrote, or start a new run with model.init_from pointing at trusted weights"
         ) from None
     except (EOFError, RuntimeError) as e:
-        raise TrainingError(
+        raise CheckpointError(
             f"{path} is damaged ({str(e).splitlines()[0] or type(e).__name__}); resume from an "
             "earlier checkpoint (checkpoints/step-N)"
         ) from None
@@ -157,19 +157,19 @@ def read_training_state(model, folder: Path, tied: bool) -> tuple[dict, dict]:
     expected = {k: v for k, v in shapes.items() if not (tied and k == "lm_head.weight")}
     for name in sorted(expected.keys() | saved.keys()):
         if saved.get(name) != expected.get(name):
-            raise TrainingError(
+            raise CheckpointError(
                 f"{weights} does not fit this model: {name} is {saved.get(name, 'missing')} there "
                 f"and {expected.get(name, 'absent')} here; {fix}"
             )
     optim_state = read_state_file(optimizer_file)
     if not isinstance(optim_state, dict) or not isinstance(optim_state.get("state"), dict):
-        raise TrainingError(f"{optimizer_file} is not an optimizer state; resume from an earlier checkpoint")
+        raise CheckpointError(f"{optimizer_file} is not an optimizer state; resume from an earlier one")
     for name, values in optim_state["state"].items():
         if name not in shapes:
-            raise TrainingError(f"{optimizer_file} holds state for {name}, which this model lacks; {fix}")
+            raise CheckpointError(f"{optimizer_file} holds state for {name}, which this model lacks; {fix}")
         for key, value in values.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[name]:
-                raise TrainingError(
+                raise CheckpointError(
                     f"{optimizer_file} does not fit this model: {key} of {name} is "
                     f"{tuple(value.shape)}, the parameter {shapes[name]}; {fix}"
                 )

@@ -153,11 +153,17 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
 def check_data_at_start(cfg: TrainConfig, tokenizer, accelerator, samples_per_step: int) -> None:
     """Read this rank's first training block and the first held-out batch now (a few
     documents each), so that a source too small for one block or an empty eval split fails
-    at start-up rather than at the first step or evaluation."""
+    at start-up rather than at the first step or evaluation; and check that lm-eval is
+    installed and knows every benchmark task (before a model is built, not at the first
+    benchmark)."""
     data_cfg = dataclasses.replace(cfg.data, num_workers=0, shuffle_buffer=0)
     rank, world = accelerator.process_index, accelerator.num_processes
     next(iter(build_loader(data_cfg, tokenizer, 1, "train", rank, world, samples_per_step=samples_per_step)))
     next(iter(build_loader(data_cfg, tokenizer, 1, "eval")))
+    if cfg.benchmarks.tasks:
+        from smoltrain.evaluation.benchmarks import check_tasks
+
+        check_tasks(cfg.benchmarks.tasks, cfg.benchmarks.include_path)
 
 
 def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
@@ -230,6 +236,108 @@ class Run:
         return torch_optimizers(self.optimizers)
 
 
+def warn_if_slow_here(cfg: TrainConfig, precision_warning: str | None, device_type: str) -> None:
+    """Said once at start-up: an explicit precision this CPU emulates, or Muon on a CPU whose
+    bf16 is slow (torch.optim.Muon orthogonalizes in bf16)."""
+    if precision_warning:
+        print(f"warning: {precision_warning}", file=sys.stderr)
+    if cfg.optim.name == "muon" and device_type == "cpu":
+        speeds = cpu_matmul_speeds()
+        if speeds["bf16"] < speeds["fp32"]:
+            print(
+                "warning: optim.name=muon: torch.optim.Muon orthogonalizes its updates in bf16, which this "
+                f"CPU runs {speeds['fp32'] / speeds['bf16']:,.0f}x slower than fp32: a Muon step can cost "
+                "several AdamW steps here (the quickstart's: 4x); AdamW (optim.name=adamw) is faster here",
+                file=sys.stderr,
+            )
+
+
+def build_model_and_optimizers(cfg: TrainConfig, tokenizer, accelerator, precision: str, fsdp: bool):
+    """The model with its kernels, wrapped (DDP) or sharded (FSDP2), and its optimizers;
+    then refused now if a step cannot fit in memory or llama.cpp cannot represent it (an
+    `export.gguf` run), rather than at the first step or after training."""
+    device, t = accelerator.device, cfg.train
+    if fsdp:
+        if precision == "fp16":
+            raise TrainingError("train.fsdp with fp16 is not supported; use bf16 (or fp32)")
+        model = build_sharded_model(cfg, tokenizer, accelerator, precision)
+        optimizers = build_optimizers(model, cfg, device.type)
+    else:
+        model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
+        model, *optimizers = accelerator.prepare(model, *build_optimizers(model, cfg, device.type))
+    raw = accelerator.unwrap_model(model)
+    kernels = tuple(active_kernels(raw))
+    context, gc = cfg.data.context_length, t.gradient_checkpointing
+    shards = accelerator.num_processes if fsdp else 1
+    check_step_fits(raw.config, t.micro_batch_size, context, device, precision, kernels, gc, shards)
+    if cfg.export.gguf:
+        from smoltrain.formats.gguf import check_exportable, check_tokenizer_exportable
+
+        check_exportable(raw.config)
+        check_tokenizer_exportable(tokenizer, raw.config.vocab_size)
+    return model, optimizers
+
+
+def last_step(
+    cfg: TrainConfig, step: int, resume: bool, stop_at_step: int | None, is_main: bool
+) -> tuple[int, int]:
+    """The step this process ends at, and its log interval: the schedule's end, or on a
+    resume of a finished run `resume.extra_steps` more (the reference's phase "resume"),
+    or `--stop-at-step`, whichever comes first."""
+    end_step, log_every = cfg.schedule.max_steps, cfg.log.log_every
+    if resume and step >= cfg.schedule.max_steps:
+        end_step, log_every = step + cfg.resume.extra_steps, cfg.resume.log_every
+        if is_main:
+            still = " (the weights do not change)" if cfg.schedule.past_end_lr == 0 else ""
+            print(
+                f"note: the run finished its schedule at step {step}; resuming adds "
+                f"resume.extra_steps={cfg.resume.extra_steps} steps at schedule.past_end_lr="
+                f"{cfg.schedule.past_end_lr}{still}. To train on, raise schedule.max_steps "
+                "(with --allow-config-changes) or branch a cooldown (--phase cooldown)",
+                file=sys.stderr,
+            )
+    if stop_at_step is not None:
+        end_step = min(end_step, stop_at_step)
+    return end_step, log_every
+
+
+def train_loader(cfg: TrainConfig, tokenizer, accelerator, accum: int):
+    """This rank's resumable loader of training micro-batches."""
+    world = accelerator.num_processes
+    # the inner loader's batches between checkpoints: one worker state sent per checkpoint
+    snapshot_every = cfg.log.checkpoint_every * accum * (1 if cfg.data.rank_split == "document" else world)
+    return build_loader(
+        cfg.data,
+        tokenizer,
+        cfg.train.micro_batch_size,
+        "train",
+        accelerator.process_index,
+        world,
+        pin_memory=accelerator.device.type == "cuda",
+        snapshot_every=snapshot_every,
+        samples_per_step=cfg.train.micro_batch_size * accum * world,
+    )
+
+
+def progress_bar(step: int, end_step: int, wanted: bool):
+    """tqdm's bar of steps, on a terminal only: a log file or a pipe gets the log lines
+    alone, not a bar redrawn into it."""
+    from tqdm.auto import tqdm
+
+    on = wanted and sys.stdout.isatty()
+    return tqdm(total=end_step, initial=step, disable=not on, unit="step", dynamic_ncols=True)
+
+
+def mfu_peak(cfg: TrainConfig, device, precision: str) -> tuple[float, str]:
+    """The peak FLOP/s MFU is against, for the precision in use (TF32 for fp32 on CUDA), and
+    where it comes from."""
+    t = cfg.train
+    if t.peak_flops:
+        return t.peak_flops, "train.peak_flops"
+    tf32 = precision == "fp32" and device.type == "cuda" and t.tf32
+    return peak_flops(device, "tf32" if tf32 else precision)
+
+
 def setup_run(
     cfg: TrainConfig,
     phase: str = "init",
@@ -241,7 +349,6 @@ def setup_run(
     with its kernels, optimizer, data, the restored checkpoint), print the start-up summary
     and return it as a `Run`."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from smoltrain.tokenizer import load_tokenizer
 
@@ -263,63 +370,20 @@ def setup_run(
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rank_split=split))
     choice = choose_precision(t.precision, device.type)
     precision = choice.precision
-    if choice.warning and accelerator.is_main_process:
-        print(f"warning: {choice.warning}", file=sys.stderr)
-    if cfg.optim.name == "muon" and device.type == "cpu":
-        speeds = cpu_matmul_speeds()
-        if speeds["bf16"] < speeds["fp32"] and accelerator.is_main_process:
-            print(
-                "warning: optim.name=muon: torch.optim.Muon orthogonalizes its updates in bf16, which this "
-                f"CPU runs {speeds['fp32'] / speeds['bf16']:,.0f}x slower than fp32: a Muon step can cost "
-                "several AdamW steps here (the quickstart's: 4x); AdamW (optim.name=adamw) is faster here",
-                file=sys.stderr,
-            )
+    if accelerator.is_main_process:
+        warn_if_slow_here(cfg, choice.warning, device.type)
     set_seed(t.seed)
-    process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc) + cuda_training_settings(
-        device.type, t.tf32
-    )
+    process_tweaks = cpu_training_tweaks(device.type, t.tune_malloc)
+    process_tweaks += cuda_training_settings(device.type, t.tf32)
     tokenizer = load_tokenizer(cfg.tokenizer)
     accum = grad_accum_steps(cfg, world)
     fsdp = t.fsdp and world > 1
     # data errors need no model: said before one is built or loaded (seconds for SmolLM2)
     check_data_at_start(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
-    if fsdp:
-        if precision == "fp16":
-            raise TrainingError("train.fsdp with fp16 is not supported; use bf16 (or fp32)")
-        model = build_sharded_model(cfg, tokenizer, accelerator, precision)
-        optimizers = build_optimizers(model, cfg, device.type)
-    else:
-        model = prepare_for_training(build_model(cfg, tokenizer), device.type, precision, t.kernels)
-        model, *optimizers = accelerator.prepare(model, *build_optimizers(model, cfg, device.type))
+    model, optimizers = build_model_and_optimizers(cfg, tokenizer, accelerator, precision, fsdp)
     raw_model: CustomLLM = accelerator.unwrap_model(model)
-    kernels = tuple(active_kernels(raw_model))
-    context, gc = cfg.data.context_length, t.gradient_checkpointing
-    shards = world if fsdp else 1  # refused before the first step allocates what cannot fit
-    check_step_fits(raw_model.config, t.micro_batch_size, context, device, precision, kernels, gc, shards)
-    if cfg.export.gguf:  # a model llama.cpp cannot represent is refused now, not after training
-        from smoltrain.formats.gguf import check_exportable, check_tokenizer_exportable
-
-        check_exportable(raw_model.config)
-        check_tokenizer_exportable(tokenizer, raw_model.config.vocab_size)
     sequences_per_step = t.micro_batch_size * accum * world
-    # the inner loader's batches between checkpoints: one worker state sent per checkpoint
-    snapshot_every = cfg.log.checkpoint_every * accum * (1 if cfg.data.rank_split == "document" else world)
-    loader = build_loader(
-        cfg.data,
-        tokenizer,
-        t.micro_batch_size,
-        "train",
-        accelerator.process_index,
-        world,
-        pin_memory=device.type == "cuda",
-        snapshot_every=snapshot_every,
-        samples_per_step=sequences_per_step,
-    )
-
-    if cfg.benchmarks.tasks:  # lm-eval installed, every task known: said now, not at the first benchmark
-        from smoltrain.evaluation.benchmarks import check_tasks
-
-        check_tasks(cfg.benchmarks.tasks, cfg.benchmarks.include_path)
+    loader = train_loader(cfg, tokenizer, accelerator, accum)
     scaler = torch.amp.GradScaler(device.type, init_scale=t.loss_scale) if precision == "fp16" else None
     state = RunState()
     spike_guard = SpikeGuard(t.spike_factor, t.spike_window, t.spike_rollback)
@@ -329,31 +393,12 @@ def setup_run(
         )
         if accelerator.is_main_process and phase == "resume":
             truncate_metrics(out / "metrics.jsonl", state.step)
-    end_step, log_every = cfg.schedule.max_steps, cfg.log.log_every
-    if resume and state.step >= cfg.schedule.max_steps:
-        end_step = state.step + cfg.resume.extra_steps  # the reference's phase "resume"
-        log_every = cfg.resume.log_every
-        if accelerator.is_main_process:
-            still = " (the weights do not change)" if cfg.schedule.past_end_lr == 0 else ""
-            print(
-                f"note: the run finished its schedule at step {state.step}; resuming adds "
-                f"resume.extra_steps={cfg.resume.extra_steps} steps at schedule.past_end_lr="
-                f"{cfg.schedule.past_end_lr}{still}. To train on, raise schedule.max_steps "
-                "(with --allow-config-changes) or branch a cooldown (--phase cooldown)",
-                file=sys.stderr,
-            )
-    if stop_at_step is not None:
-        end_step = min(end_step, stop_at_step)
-
+    end_step, log_every = last_step(cfg, state.step, resume, stop_at_step, accelerator.is_main_process)
     if phase != "resume":  # everything is built and checked: only now does an old run go
         if accelerator.is_main_process:
             clear_old_run(out)
         accelerator.wait_for_everyone()
-    if t.peak_flops:
-        peak, peak_source = t.peak_flops, "train.peak_flops"
-    else:
-        tf32 = precision == "fp32" and device.type == "cuda" and t.tf32
-        peak, peak_source = peak_flops(device, "tf32" if tf32 else precision)
+    peak, peak_source = mfu_peak(cfg, device, precision)
     if cfg.log.trackers:
         accelerator.init_trackers(cfg.log.project, config=flatten(cfg.to_dict()))
     run = Run(
@@ -380,14 +425,7 @@ def setup_run(
         peak_flops=peak,
         peak_source=peak_source,
         metrics=MetricsLog(out / "metrics.jsonl", accelerator),
-        bar=tqdm(
-            total=end_step,
-            initial=state.step,
-            # a log file or a pipe gets the log lines alone, not a bar redrawn into it
-            disable=not (accelerator.is_main_process and cfg.log.progress_bar and sys.stdout.isatty()),
-            unit="step",
-            dynamic_ncols=True,
-        ),
+        bar=progress_bar(state.step, end_step, accelerator.is_main_process and cfg.log.progress_bar),
         start_step=state.step,
         started=started,
         scaler=scaler,

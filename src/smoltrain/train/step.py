@@ -3,7 +3,6 @@ loss-spike guard."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -16,14 +15,13 @@ from smoltrain.errors import TrainingError
 from smoltrain.train.checkpoint import (
     checkpoint_root,
     resolve_checkpoint_dir,
+    roll_back_to,
 )
 from smoltrain.train.optim import lr_at, peak_lrs
 from smoltrain.train.parallel import (
     broadcast_object,
     clip_grad_norm,
     gradient_sync,
-    load_training_state,
-    read_training_state,
 )
 from smoltrain.train.setup import Run, Window
 
@@ -159,8 +157,6 @@ def roll_back_if_spiking(run: Run) -> None:
             f"{len(run.spike_guard.skips)} loss spikes within {t.spike_window} steps at step {state.step} "
             "and no checkpoint to roll back to; lower optim.lr, check the data, or raise train.spike_factor"
         )
-    saved = json.loads((Path(target) / "trainer_state.json").read_text()) if is_main else None
-    saved = broadcast_object(saved, run.accelerator)
     times = run.rollbacks_to.get(target, 0) + 1
     if times > 3:
         raise TrainingError(
@@ -168,11 +164,8 @@ def roll_back_if_spiking(run: Run) -> None:
             "optim.lr or check the data, then resume from that checkpoint"
         )
     run.rollbacks_to[target] = times
-    tied = run.raw_model.config.tie_word_embeddings
-    states = read_training_state(run.raw_model, Path(target), tied) if is_main else None
-    load_training_state(run.raw_model, run.torch_optimizers, states, run.accelerator.num_processes > 1)
-    if run.scaler is not None and "grad_scaler" in saved:
-        run.scaler.load_state_dict(saved["grad_scaler"])
+    path = Path(target) if is_main else None
+    saved = roll_back_to(path, run.accelerator, run.raw_model, run.torch_optimizers, run.scaler)
     spiked, back_to = list(run.spike_guard.skips), saved["state"]["step"]
     run.metrics.truncate(back_to)
     if is_main:
