@@ -43,7 +43,7 @@ class DataConfig:
     # makes), micro_batch otherwise.
     rank_split: str = "auto"
     tokenize_batch: int = 64  # documents per call to the fast tokenizer
-    # Weighted sources instead of `source` (see smoltrain/mixture.py): sequences are drawn
+    # Weighted sources instead of `source` (see smoltrain/data/mixture.py): sequences are drawn
     # in a fixed interleave whose shares are the weights; each source has its own epochs.
     mixture: list[MixtureEntry] = field(default_factory=list)
     # Mixtures by training step (annealing, continued pre-training): stage i runs until
