@@ -36,3 +36,24 @@ def test_a_checkpoint_config_from_before_the_rename_is_read():
     assert cfg.benchmarks.every == 3 and cfg.benchmarks.tasks == ["piqa"]
     assert saved["data"]["eval_every"] == 7  # the caller's dict untouched
     assert renamed_keys({"log": {"eval_every": 5}}) == {"log": {"eval_every": 5}}  # another key alike
+
+
+def test_a_run_checkpointed_before_the_rename_resumes_bitwise(tmp_path):
+    """A checkpoint whose saved config has the old keys (and no spike guard state, as
+    written before 2026-12-04) resumes without --allow-config-changes, to the losses of an
+    uninterrupted run."""
+    import json
+
+    from tests.train.test_train import losses
+
+    args = ("--max-steps", "6", "log.checkpoint_every=3", "log.log_every=1")
+    smoltrain(*small_run_args(tmp_path, "ref", *args))
+    smoltrain(*small_run_args(tmp_path, "old", *args, "--stop-at-step", "3"))
+    state_file = tmp_path / "old/checkpoints/step-3/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["data"]["eval_every"] = state["config"]["data"].pop("holdout_every")
+    state["config"]["eval"] = state["config"].pop("benchmarks")
+    del state["spike_guard"]
+    state_file.write_text(json.dumps(state))
+    smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "old"))
+    assert losses(tmp_path / "old") == losses(tmp_path / "ref")

@@ -20,7 +20,7 @@ import torch
 
 from smoltrain.atomic import publish_folder, write_atomic, write_failure
 from smoltrain.errors import CheckpointError, WriteError
-from smoltrain.train.config import TrainConfig
+from smoltrain.train.config import TrainConfig, renamed_keys
 from smoltrain.train.parallel import (
     broadcast_object,
     gather_objects,
@@ -243,8 +243,9 @@ def trainer_state(path: Path) -> dict:
 
 
 def checkpoint_config(path: Path) -> dict:
-    """The resolved config a checkpoint was trained with."""
-    return trainer_state(path)["config"]
+    """The resolved config a checkpoint was trained with, keys renamed since read under their
+    new names (`train.config.RENAMED`)."""
+    return renamed_keys(trainer_state(path)["config"])
 
 
 def roll_back_to(path: Path | None, accelerator, model, optimizers, scaler=None) -> dict:
