@@ -2,7 +2,6 @@
 both ways), the CUDA defaults proven on CPU (TF32, the MFU ceiling, CUDA graphs for the
 compiled decode step), and no CPU-only kernel or glibc setting off CPU."""
 
-import pytest
 import torch
 
 from smoltrain import device as device_module
@@ -100,8 +99,6 @@ def test_auto_precision_on_gpus(monkeypatch):
     assert choose_precision("auto", "cuda").precision == "fp16"  # V100, T4: with loss scaling
     assert choose_precision("bf16", "mps").precision == "fp32"
     assert "off on MPS" in choose_precision("bf16", "mps").warning
-    with pytest.raises(ValueError, match="train.precision 'fp8' is unknown"):
-        choose_precision("fp8", "cpu", NATIVE_BF16)
 
 
 def test_flops_are_named_in_a_unit_that_shows_their_size():

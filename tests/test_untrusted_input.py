@@ -97,7 +97,7 @@ from collections import namedtuple
 import numpy as np
 from safetensors import SafetensorError
 from smoltrain.formats import model_io
-from smoltrain.train import parallel
+from smoltrain.train import checkpoint
 from smoltrain.cli import main
 
 def disk_full(*args, **kwargs):
@@ -128,7 +128,7 @@ def staging_files(folder) -> list[str]:
 def test_a_full_disk_at_the_first_checkpoint_names_it_and_leaves_no_partial_folder(tmp_path):
     """safetensors' SafetensorError was a traceback, and checkpoints/.step-1.tmp stayed."""
     args = small_run_args(tmp_path, "run", "--max-steps", "2", "log.checkpoint_every=1")
-    result = run_with_a_full_disk(tmp_path, "parallel.save_file", SAFETENSORS_FULL, "train", *args)
+    result = run_with_a_full_disk(tmp_path, "checkpoint.save_file", SAFETENSORS_FULL, "train", *args)
     assert_clean_error(result, "could not write checkpoint step-1: no space left on the device", "MB free")
     assert not staging_files(tmp_path / "run")
 

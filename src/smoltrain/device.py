@@ -273,9 +273,8 @@ def choose_precision(
     loss scaling; on MPS fp32 (as the reference); on CPU bf16 autocast only where this CPU's
     bf16 matmuls measured at least AUTOCAST_PAYS_AT x its fp32 ones, else fp32. An explicit
     16-bit choice on a CPU where it is slower than fp32 is kept, with a warning that gives
-    the measured ratio. `cpu_speeds` (FLOP/s by precision) defaults to `cpu_matmul_speeds()`."""
-    if requested not in ("auto", *PRECISION_DTYPES):
-        raise ValueError(f"train.precision '{requested}' is unknown; use auto, fp32, bf16 or fp16")
+    the measured ratio. `cpu_speeds` (FLOP/s by precision) defaults to `cpu_matmul_speeds()`.
+    `requested` is one of auto, fp32, bf16, fp16 (checked when the config is loaded)."""
     if device_type == "mps":
         if requested not in ("auto", "fp32"):
             note = f"{requested} is off on MPS (as in the reference); training in fp32"

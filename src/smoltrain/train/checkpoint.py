@@ -1,9 +1,12 @@
-"""Training checkpoints: `checkpoints/step-N/` folders written atomically, `latest`,
-pruning, resolving what a user points at, restoring, and the RNG states of every rank.
+"""Training checkpoints, the one module that reads and writes their format:
+`checkpoints/step-N/` folders written atomically, `latest`, pruning, resolving what a user
+points at, checking, restoring, rolling back.
 
-A checkpoint holds the full model and optimizer state (gathered on rank 0, so it resumes
-on any process count, sharded or not), each rank's RNG state, the data position, the
-resolved config and the run's counters; `COMPLETE` is written last.
+A checkpoint holds model.safetensors and optimizer.pt (full state, gathered on rank 0, so it
+resumes on any process count, sharded or not), rng-rankR.pt, data.pt (or data-rankR.pt),
+trainer_state.json (the run's counters, resolved config, loss scale, spike guard), the
+tokenizer and config.json; `COMPLETE` is written last. Its .pt files are read as data
+(`read_state_file`): no code stored in one runs.
 """
 
 from __future__ import annotations
@@ -17,19 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from smoltrain.atomic import publish_folder, write_atomic, write_failure
+from smoltrain.atomic import plain_permissions, publish_folder, write_atomic, write_failure
 from smoltrain.errors import CheckpointError, WriteError
 from smoltrain.train.config import TrainConfig, renamed_keys
-from smoltrain.train.parallel import (
-    broadcast_object,
-    gather_objects,
-    load_training_state,
-    read_state_file,
-    read_training_state,
-    save_training_state,
-    scatter_objects,
-)
+from smoltrain.train.parallel import FULL_STATE, broadcast_object, gather_objects, scatter_objects
 from smoltrain.train.spike_guard import SpikeGuard
 
 CHECKPOINTS = "checkpoints"
@@ -329,3 +325,107 @@ def _rank_part(path: Path, rank: int, world: int, run: dict, cfg: TrainConfig) -
     elif rank_state.is_file() and run.get("world_size", 1) == world:
         data = read_state_file(rank_state)
     return {"rng": rng, "data": data}
+
+
+def save_training_state(model, optimizer, folder: Path, is_main: bool, tied: bool) -> None:
+    """model.safetensors (our parameter names, the tied head left out) and optimizer.pt,
+    both gathered in full on rank 0. Every rank must call this (it gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(**FULL_STATE))
+    if is_main:
+        skip = "lm_head.weight" if tied else None
+        model_state = {k: v.contiguous() for k, v in model_state.items() if k != skip}
+        save_file(model_state, folder / "model.safetensors", metadata={"format": "pt"})
+        plain_permissions(folder / "model.safetensors")
+        torch.save(optim_state, folder / "optimizer.pt")
+
+
+def read_state_file(path: Path):
+    """A `.pt` file of a checkpoint read as data: tensors, numbers, text, lists, dicts and
+    numpy arrays (a data position's token buffer; numpy's RNG state before 2026-12).
+    torch.load's full unpickler runs any code a file names, and checkpoints pass between
+    people."""
+    import pickle
+
+    import numpy as np
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed it
+    numeric = [type(np.dtype(code)) for code in "?bBhHiIlLqQefd"]  # an array's dtype class
+    numpy_data = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *numeric]
+    try:
+        with torch.serialization.safe_globals(numpy_data):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path} holds more than tensors, numbers and text ({refused}); smoltrain reads "
+            "checkpoints as data and runs no code stored in one. Resume only from checkpoints "
+            "smoltrain wrote, or start a new run with model.init_from pointing at trusted weights"
+        ) from None
+    except (EOFError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} is damaged ({str(e).splitlines()[0] or type(e).__name__}); resume from an "
+            "earlier checkpoint (checkpoints/step-N)"
+        ) from None
+
+
+def _canonical_name(name: str) -> str:
+    # torch.compile and activation checkpointing insert these into parameter names
+    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def read_training_state(model, folder: Path, tied: bool) -> tuple[dict, dict]:
+    """model.safetensors and optimizer.pt of a checkpoint, read as data and checked against
+    `model` before anything is loaded: every tensor's name and shape (a checkpoint of another
+    model would crash the process or train on with misshapen optimizer state)."""
+    from safetensors import safe_open
+
+    shapes = {_canonical_name(k): tuple(p.shape) for k, p in model.named_parameters()}
+    weights, optimizer_file = folder / "model.safetensors", folder / "optimizer.pt"
+    fix = "resume with the model config that wrote it, or start a new run with model.init_from"
+    with safe_open(weights, "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: v for k, v in shapes.items() if not (tied and k == "lm_head.weight")}
+    for name in sorted(expected.keys() | saved.keys()):
+        if saved.get(name) != expected.get(name):
+            raise CheckpointError(
+                f"{weights} does not fit this model: {name} is {saved.get(name, 'missing')} there "
+                f"and {expected.get(name, 'absent')} here; {fix}"
+            )
+    optim_state = read_state_file(optimizer_file)
+    if not isinstance(optim_state, dict) or not isinstance(optim_state.get("state"), dict):
+        raise CheckpointError(f"{optimizer_file} is not an optimizer state; resume from an earlier one")
+    for name, values in optim_state["state"].items():
+        if name not in shapes:
+            raise CheckpointError(f"{optimizer_file} holds state for {name}, which this model lacks; {fix}")
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[name]:
+                raise CheckpointError(
+                    f"{optimizer_file} does not fit this model: {key} of {name} is "
+                    f"{tuple(value.shape)}, the parameter {shapes[name]}; {fix}"
+                )
+    model_state = load_file(weights)
+    if tied:
+        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+    return model_state, optim_state
+
+
+def load_training_state(model, optimizer, states: tuple[dict, dict] | None, broadcast: bool) -> None:
+    """Load what `read_training_state` read into a model and optimizer, plain or sharded.
+    With `broadcast` only rank 0 holds `states` (None on the other ranks) and sends each
+    tensor to the others: no rank but the first needs the files, nor their memory at once."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    # torch reads an empty model dict as "optimizer only" and skips the model's broadcast:
+    # the other ranks pass their own state as the (unread) placeholder
+    model_state, optim_state = states if states is not None else (model.state_dict(), {})
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
+    )

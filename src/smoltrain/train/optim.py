@@ -35,9 +35,8 @@ def lr_at(step: int, peak: float, s: ScheduleConfig) -> float:
     progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
     if s.kind == "linear":
         return floor + (peak - floor) * (1 - progress)
-    if s.kind == "cosine":
-        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"schedule.kind '{s.kind}' is unknown; use linear, cosine, wsd or constant")
+    # cosine: the one kind left (schedule.kind is checked when the config is loaded)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizers(
