@@ -79,7 +79,7 @@ def benchmark_and_log(run: Run) -> None:
     afterwards (lm-eval seeds it), so a run with benchmarks trains as one without."""
     from smoltrain.evaluation.benchmarks import SmolLM, evaluate_tasks, scores
 
-    b, step = run.cfg.eval, run.state.step
+    b, step = run.cfg.benchmarks, run.state.step
     start, rng = time.perf_counter(), rng_state()
     model = run.model if run.fsdp else run.raw_model
     model.eval()
