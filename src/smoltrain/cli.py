@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         check_cache_dir()
-        COMMANDS[" ".join(filter(None, [args.command, getattr(args, "tokenizer_command", None)]))](args)
+        name = f"tokenizer {args.tokenizer_command}" if args.command == "tokenizer" else args.command
+        COMMANDS[name](args)
     except (ValueError, OSError, UserError) as e:
         # Errors at the edges carry a message that names the fix; a traceback adds nothing.
         if debug:
