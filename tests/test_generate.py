@@ -253,3 +253,10 @@ def test_the_compiled_decode_path_reuses_one_cache_per_shape(micro_model):
     assert [torch.equal(a, b) for a, b in zip(outputs, [*reference, reference[0]], strict=True)] == [True] * 3
     assert len(made) == 3 and made[0] is made[1] is made[2] and made[0].capacity == 128  # the context
     assert model.decode_cache(2, 128) is not made[0]  # another batch size: its own
+
+
+def test_generation_runs_in_inference_mode(micro_model):
+    """No autograd graph is built while decoding (the tokens come out as inference tensors),
+    whether or not the model's parameters require gradients."""
+    first = next(stream_generate(micro_model, torch.tensor([[5, 6, 7]]), max_new_tokens=2))
+    assert torch.is_inference(first)

@@ -136,7 +136,6 @@ def _check_sampling(
         raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {repetition_penalty}")
 
 
-@torch.inference_mode()
 def stop_and_pad_ids(
     model: CustomLLM, eos_token_id: int | list[int] | None, pad_token_id: int | None
 ) -> tuple[list[int], int]:
@@ -152,6 +151,7 @@ def stop_and_pad_ids(
     return eos_ids, pad_token_id
 
 
+@torch.inference_mode()
 def stream_generate(
     model: CustomLLM,
     input_ids: torch.Tensor,

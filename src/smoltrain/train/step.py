@@ -31,7 +31,7 @@ class StepResult:
     loss: float  # mean over the micro-batches and ranks
     grad_norm: float  # before clipping (0 when clipping is off)
     lr: float
-    skipped: bool  # non-finite: no update was made
+    skipped: bool  # non-finite or a spike: no update was made
     stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM): all checkpoint and end
 
 
