@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from smoltrain.data.config import DataConfig
 from smoltrain.model.config import ModelConfig, get_preset
 from smoltrain.model.kernels import choose_kernels
+from smoltrain.train.metrics import flatten
 
 
 @dataclass
@@ -180,12 +180,16 @@ def renamed_keys(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config with its old keys moved to their new names."""
     saved = copy.deepcopy(saved)
     for old, new in RENAMED.items():
-        *old_path, old_leaf = old.split(".")
-        *new_path, new_leaf = new.split(".")
-        holder = functools.reduce(lambda d, k: d.get(k, {}) if isinstance(d, dict) else {}, old_path, saved)
-        if isinstance(holder, dict) and old_leaf in holder:
-            target = functools.reduce(lambda d, k: d.setdefault(k, {}), new_path, saved)
-            target[new_leaf] = holder.pop(old_leaf)
+        *path, leaf = old.split(".")
+        section = saved
+        for key in path:  # the section that held the old key, if the saved config has it
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section:
+            *new_path, new_leaf = new.split(".")
+            target = saved
+            for key in new_path:
+                target = target.setdefault(key, {})
+            target[new_leaf] = section.pop(leaf)
     return saved
 
 
@@ -197,16 +201,6 @@ def refuse_old_keys(keys: list[str], where: str) -> None:
                 raise ValueError(
                     f"bad config: {where}: '{key}' was renamed '{new + key[len(old) :]}'; use the new name"
                 )
-
-
-def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
-    """Every leaf's dotted key in a nested dict (an empty section is one too)."""
-    if not isinstance(tree, dict) or not tree:
-        return [prefix]
-    keys = []
-    for name, sub in tree.items():
-        keys += _dotted_keys(sub, f"{prefix}.{name}" if prefix else str(name))
-    return keys
 
 
 def load_config(
@@ -228,7 +222,8 @@ def load_config(
             if not Path(path).is_file():
                 raise FileNotFoundError(f"config file '{path}' does not exist; see configs/ for examples")
             from_file = _read_yaml(Path(path))
-            refuse_old_keys(_dotted_keys(OmegaConf.to_container(from_file)), str(path))
+            tree = OmegaConf.to_container(from_file)
+            refuse_old_keys([*flatten(tree), *tree], str(path))  # leaves, then (empty) sections
             cfg = OmegaConf.merge(cfg, from_file)
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
