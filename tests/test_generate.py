@@ -67,7 +67,7 @@ def test_onednn_linears_only_where_timed_faster(monkeypatch):
     """On CPU the oneDNN linears are used where timing one layer's weights at one row shows
     them faster, and the model is left as it is where not; the timing compares the two."""
     model = CustomLLM(micro_config())
-    weights = generate_module.layer_weights(model)
+    weights = decode.layer_weights(model)
     assert [w.shape for w in weights] == [
         (
             model.config.hidden_size + 2 * model.config.num_key_value_heads * model.config.head_dim,

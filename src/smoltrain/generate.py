@@ -14,6 +14,7 @@ from smoltrain.model.kernels.decode import (
     OneDNNLinear,
     PackedLLM,
     ReductionLinear,
+    layer_weights,
     onednn_linear_pays,
     onednn_linear_works,
     pack,
@@ -73,15 +74,6 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM
     if on_cpu and onednn_linear_works(model.dtype) and onednn_linear_pays(layer_weights(model)):
         return pack(model, OneDNNLinear)
     return model
-
-
-def layer_weights(model: CustomLLM) -> list[torch.Tensor]:
-    """The first layer's weights as `pack` merges them: what one decode step reads per layer."""
-    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    with torch.no_grad():
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-    return [qkv, attn.o_proj.weight, gate_up, mlp.down_proj.weight]
 
 
 def decode_compile_mode(device_type: str) -> dict[str, str]:

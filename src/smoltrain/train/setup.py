@@ -150,7 +150,7 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
     return model
 
 
-def check_data_at_start(cfg: TrainConfig, tokenizer, accelerator, samples_per_step: int) -> None:
+def check_data_and_tasks(cfg: TrainConfig, tokenizer, accelerator, samples_per_step: int) -> None:
     """Read this rank's first training block and the first held-out batch now (a few
     documents each), so that a source too small for one block or an empty eval split fails
     at start-up rather than at the first step or evaluation; and check that lm-eval is
@@ -379,7 +379,7 @@ def setup_run(
     accum = grad_accum_steps(cfg, world)
     fsdp = t.fsdp and world > 1
     # data errors need no model: said before one is built or loaded (seconds for SmolLM2)
-    check_data_at_start(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
+    check_data_and_tasks(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
     model, optimizers = build_model_and_optimizers(cfg, tokenizer, accelerator, precision, fsdp)
     raw_model: CustomLLM = accelerator.unwrap_model(model)
     sequences_per_step = t.micro_batch_size * accum * world

@@ -54,6 +54,21 @@ def onednn_linear_works(dtype: torch.dtype) -> bool:
         return False
 
 
+def qkv_weight(attn: Attention) -> torch.Tensor:
+    """q, k and v's weights as one (out, in) matrix: one matmul reads them all."""
+    return torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+
+
+def gate_up_weight(mlp: MLP) -> torch.Tensor:
+    return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+
+
+def layer_weights(model: CustomLLM) -> list[torch.Tensor]:
+    """The first layer's weights as `pack` merges them: what one decode step reads per layer."""
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    return [qkv_weight(attn), attn.o_proj.weight, gate_up_weight(mlp), mlp.down_proj.weight]
+
+
 def onednn_linear_pays(weights: list[torch.Tensor]) -> bool:
     """Whether `OneDNNLinear` multiplies one row by these weights (one layer's, as packed)
     at least 10% faster than `F.linear` on this machine, timed here in a few ms: which one
@@ -119,9 +134,7 @@ class PackedAttention(Attention):
     def pack(self, make_linear: MakeLinear) -> None:
         """Replace the four projections by `make_linear`'s modules, q/k/v merged."""
         with torch.no_grad():
-            self.qkv_proj = make_linear(
-                torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            )
+            self.qkv_proj = make_linear(qkv_weight(self))
             self.o_proj = make_linear(self.o_proj.weight)
         del self.q_proj, self.k_proj, self.v_proj  # free the originals
 
@@ -142,7 +155,7 @@ class PackedMLP(MLP):
 
     def pack(self, make_linear: MakeLinear) -> None:
         with torch.no_grad():
-            self.gate_up_proj = make_linear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            self.gate_up_proj = make_linear(gate_up_weight(self))
             self.down_proj = make_linear(self.down_proj.weight)
         del self.gate_proj, self.up_proj
 
