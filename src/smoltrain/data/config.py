@@ -25,11 +25,16 @@ class Stage:
 @dataclass
 class DataConfig:
     source: str = BUILTIN_PYTHON_DOCS  # hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs
+    # "text": documents of plain text; "chat": conversations (a `messages` column, or `prompt` and
+    # `completion`) rendered with the tokenizer's chat template, the loss on the assistant's tokens
+    format: str = "text"
     text_column: str = "text"  # column holding the documents (jsonl, parquet, hub)
     txt_documents: str = "file"  # .txt files: one document per "file" or per blank-line "paragraph"
     context_length: int = 256  # tokens per training sequence
     mode: str = "pack"  # "pack": concatenate into full blocks; "pad": one document per row, padded
-    document_mask: bool = False  # pack mode: forbid attention across documents inside a block
+    document_mask: bool = False  # pack mode: forbid attention across documents inside a block (chat: always)
+    # chat: a conversation longer than context_length is cut to it ("truncate") or left out ("drop")
+    long_conversations: str = "truncate"
     shuffle_buffer: int = 1000  # documents in the seeded shuffle buffer (0: stream order)
     seed: int = 0  # shuffle seed; epoch k uses seed + k
     holdout_every: int = 200  # hold out 1 in N documents (by a hash of the text) for evaluation
@@ -53,6 +58,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("pack", "pad"):
             raise ValueError(f"data.mode must be 'pack' or 'pad', got '{self.mode}'")
+        if self.format not in ("text", "chat"):
+            raise ValueError(f"data.format must be 'text' or 'chat', got '{self.format}'")
+        if self.long_conversations not in ("truncate", "drop"):
+            raise ValueError(
+                f"data.long_conversations must be 'truncate' or 'drop', got '{self.long_conversations}'"
+            )
         if self.txt_documents not in ("file", "paragraph"):
             raise ValueError(f"data.txt_documents must be 'file' or 'paragraph', got '{self.txt_documents}'")
         if self.context_length < 2:
@@ -94,6 +105,11 @@ class DataConfig:
             raise ValueError(
                 f"data.stages: until_step must be at least 1 and increase from stage to stage, got {untils}"
             )
+
+    @property
+    def masks_documents(self) -> bool:
+        """Whether packed blocks keep attention within each document (always for conversations)."""
+        return self.document_mask or self.format == "chat"
 
     def source_for(self, split: str) -> str:
         """The source a split reads: eval_source for "eval" when set, else the source."""

@@ -110,8 +110,9 @@ def _check_json_lines(ds, spec: str, files: list[Path]) -> None:
         ) from None
 
 
-def open_source(spec: str, text_column: str = "text", txt_documents: str = "file"):
-    """A streaming `datasets.IterableDataset` with one column, `text`."""
+def open_source(spec: str, text_column: str = "text", txt_documents: str = "file", data_format: str = "text"):
+    """A streaming `datasets.IterableDataset` with one column, `text`; for chat data, the
+    columns that hold the conversations (`messages`, or `prompt` and `completion`)."""
     import datasets
 
     if spec == BUILTIN_PYTHON_DOCS:
@@ -145,6 +146,10 @@ def open_source(spec: str, text_column: str = "text", txt_documents: str = "file
         if first is None:
             raise ValueError(f"data source '{spec}' is empty: it holds no documents")
         columns = list(first.keys())
+    if data_format == "chat":
+        from smoltrain.data.chat import conversation_columns
+
+        return ds.select_columns(conversation_columns(columns, spec))
     if text_column not in columns:
         raise ValueError(
             f"data source '{spec}' has no column '{text_column}'; its columns are {columns}: "

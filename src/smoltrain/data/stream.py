@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,8 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from smoltrain.data.chat import chat_template, conversation, conversation_key, render_conversation
 from smoltrain.data.config import DataConfig
 from smoltrain.data.sources import check_text, is_eval_document, open_source
+
+log = logging.getLogger(__name__)
 
 
 class TokenStream(IterableDataset):
@@ -74,7 +79,6 @@ class TokenStream(IterableDataset):
         st = self._resume or {**fresh, **lists}
         self._resume = None
         self._state = st
-        eos = self.tokenizer.eos_token_id
         while True:
             ds, parts = self._open_part(st["epoch"])
             whole_epoch, epoch_tokens = st["source"] is None, 0  # read from its start here
@@ -92,7 +96,8 @@ class TokenStream(IterableDataset):
                 while len(st["carry"]) >= cfg.context_length:
                     yield self._block(st, cfg.context_length)
                 if st["rows"]:
-                    yield {"input_ids": st["rows"].pop(0)}
+                    row = st["rows"].pop(0)
+                    yield row if isinstance(row, dict) else {"input_ids": row}
                     continue
                 # 2. route one tokenized document through the shuffle buffer
                 if st["pending"]:
@@ -110,19 +115,11 @@ class TokenStream(IterableDataset):
                 if not exhausted:
                     rows = next(source, None)
                     exhausted = rows is None
-                    texts = (
-                        [check_text(t, cfg.source_for(self.split), cfg.text_column) for t in rows["text"]]
-                        if rows
-                        else []
-                    )
-                    empty = sum(not t for t in texts)  # no tokens: not a document to train on
-                    texts = [t for t in texts if t and self._keep(t)]
-                    st["empty_docs"] = st.get("empty_docs", 0) + empty
-                    if texts:
-                        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-                        st["pending"] = [np.array(t + [eos], dtype=np.int32) for t in ids]
-                        st["epoch_docs"] += len(texts)
-                        epoch_tokens += sum(len(t) + 1 for t in ids)
+                    if rows:
+                        tokenize = self._conversations if cfg.format == "chat" else self._documents
+                        st["pending"] = tokenize(rows, st)
+                        st["epoch_docs"] += len(st["pending"])
+                        epoch_tokens += sum(doc.shape[-1] for doc in st["pending"])
                     st["source"] = ds.state_dict()
                     continue
                 # 4. this part of the source is done: drain the buffer in random order
@@ -156,32 +153,104 @@ class TokenStream(IterableDataset):
                 return
             st.update(epoch=st["epoch"] + 1, epoch_docs=0, source=None, rng=None)
 
+    def _documents(self, rows: dict[str, list], st: dict[str, Any]) -> list[np.ndarray]:
+        """Text documents -> their tokens and EOS; empty and other-split ones left out."""
+        source = self.cfg.source_for(self.split)
+        texts = [check_text(t, source, self.cfg.text_column) for t in rows["text"]]
+        st["empty_docs"] = st.get("empty_docs", 0) + sum(not t for t in texts)  # no tokens to train on
+        texts = [t for t in texts if t and self._keep(t)]
+        if not texts:
+            return []
+        eos = self.tokenizer.eos_token_id
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [np.array(t + [eos], dtype=np.int32) for t in ids]
+
+    def _conversations(self, rows: dict[str, list], st: dict[str, Any]) -> list[np.ndarray]:
+        """Conversations -> (2, n) arrays: their tokens in the chat template and, per token,
+        1 where it is the assistant's (trained on). One with no assistant turn is left out, one
+        longer than the context cut or left out (data.long_conversations); both are counted."""
+        source, T = self.cfg.source_for(self.split), self.cfg.context_length
+        template = chat_template(self.tokenizer)
+        docs = []
+        for i in range(len(next(iter(rows.values())))):
+            messages = conversation({k: v[i] for k, v in rows.items()}, source)
+            if not self._keep(conversation_key(messages)):
+                continue
+            rendered = render_conversation(self.tokenizer, template, messages)
+            if rendered is None:
+                _count(st, "no_assistant", "conversations had no assistant turn and were skipped")
+                continue
+            ids, trained = rendered
+            if len(ids) > T:
+                how = "cut to it" if self.cfg.long_conversations == "truncate" else "left out"
+                _count(st, "long", f"conversations were longer than data.context_length={T} and {how}")
+                if self.cfg.long_conversations == "drop":
+                    continue
+                ids, trained = ids[:T], trained[:T]
+            docs.append(np.array([ids, trained], dtype=np.int32))
+        return docs
+
     def _add(self, st: dict[str, Any], doc: np.ndarray) -> None:
-        if self.cfg.mode == "pack":
+        T = self.cfg.context_length
+        if doc.ndim == 2:  # a conversation: its tokens and which are trained on
+            tokens, trained = doc.tolist()
+            if self.cfg.mode == "pad":
+                labels = [t if keep else -100 for t, keep in zip(tokens, trained, strict=True)]
+                st["rows"] = st["rows"] + [{"input_ids": tokens, "labels": labels}]
+                return
+            # never split across blocks (its later turns would lose the earlier ones): a block
+            # it does not fit in is closed with padding, which no loss is taken on
+            free = -len(st["carry"]) % T
+            st.setdefault("carry_trained", [])
+            if len(tokens) > free > 0:
+                st["starts"].append(len(st["carry"]))
+                st["carry"] = st["carry"] + [self._pad_id()] * free
+                st["carry_trained"] = st["carry_trained"] + [0] * free
+            st["starts"].append(len(st["carry"]))
+            st["carry"] = st["carry"] + tokens
+            st["carry_trained"] = st["carry_trained"] + trained
+        elif self.cfg.mode == "pack":
             st["starts"].append(len(st["carry"]))
             st["carry"] = st["carry"] + doc.tolist()
         else:  # one document per row; a long one is split into several rows, never dropped
-            T = self.cfg.context_length
             st["rows"] = st["rows"] + [doc[i : i + T].tolist() for i in range(0, len(doc), T)]
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _block(self, st: dict[str, Any], n: int) -> dict[str, Any]:
         tokens, starts = st["carry"][:n], [s for s in st["starts"] if s < n]
         st["carry"] = st["carry"][n:]
         st["starts"] = [s - n for s in st["starts"] if s >= n]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        trained = None
+        if "carry_trained" in st:
+            trained = np.asarray(st["carry_trained"][:n], dtype=bool)
+            st["carry_trained"] = st["carry_trained"][n:]
         return packed_example(
             np.asarray(tokens, dtype=np.int64),
             np.asarray(starts, dtype=np.int64),
             self.cfg.context_length,
-            pad,
+            self._pad_id(),
+            trained,
         )
 
 
-def packed_example(tokens: np.ndarray, starts: np.ndarray, T: int, pad: int) -> dict[str, torch.Tensor]:
+def _count(st: dict[str, Any], key: str, what: str) -> None:
+    """Counts a conversation left out or cut, and says so at the 1st, 10th, 100th, ... one."""
+    counts = st.setdefault("conversations", {})
+    counts[key] = counts.get(key, 0) + 1
+    if math.log10(counts[key]).is_integer():
+        log.warning("%d %s (this process, so far)", counts[key], what)
+
+
+def packed_example(
+    tokens: np.ndarray, starts: np.ndarray, T: int, pad: int, trained: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """One packed block of `T` (its `tokens`, padded when fewer, with the offsets where
     documents start): position ids restart at every document start (a document continued
     from the previous block restarts at 0 too: its earlier part is not visible here),
-    document ids count the documents, the padded tail is -100 in the labels and -1 in the ids."""
+    document ids count the documents, the padded tail is -100 in the labels and -1 in the ids.
+    `trained` (chat data): whether each token is trained on; the others are -100 in the labels."""
     n = len(tokens)
     index = np.arange(T)
     is_start = np.zeros(T, dtype=bool)
@@ -194,6 +263,8 @@ def packed_example(tokens: np.ndarray, starts: np.ndarray, T: int, pad: int) -> 
     input_ids[:n] = tokens
     labels = input_ids.copy()
     labels[n:] = -100
+    if trained is not None:
+        labels[:n][~trained] = -100
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
@@ -216,13 +287,16 @@ def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]],
     -100), so pad mode needs no mask; document masking sends (B, T) document ids, from which
     the model builds its mask on the device (a FlexAttention block mask on CUDA)."""
     if cfg.mode == "pad":
-        from transformers import DataCollatorForLanguageModeling
+        from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
 
         tokenizer = copy.deepcopy(tokenizer)  # its own: the run's tokenizer (saved with checkpoints) stays
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
-        pad = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        if cfg.format == "chat":  # rows bring their labels (the assistant's tokens); padding is -100
+            pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        else:
+            pad = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
         def collate_rows(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             batch = pad(examples)
@@ -233,7 +307,7 @@ def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]],
 
     def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "labels", "position_ids")}
-        if cfg.document_mask:
+        if cfg.masks_documents:
             batch["document_ids"] = torch.stack([e["doc_ids"] for e in examples])
         return batch
 
@@ -242,7 +316,9 @@ def make_collate(cfg: DataConfig, tokenizer) -> Callable[[list[dict[str, Any]]],
 
 def _open_fn(cfg: DataConfig, split: str) -> Callable[[], Any]:
     # a partial, not a lambda: spawned workers (macOS) must pickle it
-    return functools.partial(open_source, cfg.source_for(split), cfg.text_column, cfg.txt_documents)
+    return functools.partial(
+        open_source, cfg.source_for(split), cfg.text_column, cfg.txt_documents, cfg.format
+    )
 
 
 class RankSlice:
