@@ -36,7 +36,9 @@ test: setup-test
 # make. (a) Pre-training from scratch: a tokenizer learned on the built-in corpus, the tiny
 # model trained with it (AdamW: torch's Muon orthogonalizes in bf16, which most CPUs emulate),
 # a sample. (b) Continued pre-training of the bundled SmolLM2-135M-Instruct on the same
-# corpus: held-out loss before and after, a sample.
+# corpus: held-out loss before and after, a sample. (c) Instruction tuning of it on questions
+# about the standard library answered by their docstrings: the replies' held-out loss before
+# and after, a reply.
 demo: setup
 	$(BIN)/smoltrain env
 	$(BIN)/smoltrain tokenizer train builtin:python-docs runs/tokenizer-python-docs --vocab-size 8192 --overwrite
@@ -46,6 +48,9 @@ demo: setup
 	$(BIN)/smoltrain train --config configs/continue-smollm2.yaml schedule.max_minutes=1.5 --overwrite
 	$(BIN)/smoltrain generate --model runs/continue-smollm2/final --prompt "The list" \
 		--max-new-tokens 60 --do-sample --temperature 0.8 --top-k 50 --repetition-penalty 1.2 --seed 0
+	$(BIN)/smoltrain train --config configs/sft-python-docs.yaml schedule.max_minutes=1.5 --overwrite
+	$(BIN)/smoltrain generate --model runs/sft-python-docs/final --chat --prompt "What does \`os.path.join()\` do?" \
+		--max-new-tokens 60
 
 lint: setup-test
 	$(BIN)/ruff check src tests bench

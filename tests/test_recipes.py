@@ -153,6 +153,13 @@ def test_the_demos_configs_run(trained, tmp_path):
     evals = [r for r in metric_rows(tmp_path / "cont") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert f"(from {evals[0]['eval_loss']:.3f} at step 0)" in result.stdout
+    sft = ["--config", str(REPO / "configs/sft-python-docs.yaml"), "--output-dir", str(tmp_path / "sft")]
+    result = smoltrain(*sft, *cont[4:], "log.sample_every=2", "log.sample_tokens=4")
+    rows = metric_rows(tmp_path / "sft")
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]  # the replies' loss, before and after
+    assert len(evals) == 2 and f"(from {evals[0]:.3f} at step 0)" in result.stdout
+    sample = next(r["sample"] for r in rows if "sample" in r)
+    assert sample.startswith("user: What does `json.dumps()` do?\nassistant: ")  # a reply in the template
 
 
 def test_make_demo_trains_the_tokenizer_first():

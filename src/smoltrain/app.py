@@ -77,7 +77,7 @@ def stream_reply(
         raise ValueError(
             f"The prompt is {ids.shape[1]:,} tokens; this model reads at most {context:,}. Shorten it."
         )
-    eos = stop_token_ids(model.config.eos_token_id, tokenizer)
+    eos = stop_token_ids(model.config.eos_token_id, tokenizer, chat=mode == CHAT)
     greedy = temperature == 0
     start = time.perf_counter()
     first = None

@@ -79,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     if not args.chat:
         print(args.prompt, end="", flush=True)
-    eos = stop_token_ids(model.config.eos_token_id, tokenizer)
+    eos = stop_token_ids(model.config.eos_token_id, tokenizer, chat=args.chat)
     start, count = time.perf_counter(), 0
     for piece in stream_text(
         model,
@@ -257,7 +257,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     lm = SmolLM(model, tokenizer, batch_size=args.batch_size)
     start = time.perf_counter()
     results = evaluate_tasks(
-        lm, tasks, args.include_path, args.limit, args.num_fewshot, log_samples=args.log_samples
+        lm,
+        tasks,
+        args.include_path,
+        args.limit,
+        args.num_fewshot,
+        log_samples=args.log_samples,
+        apply_chat_template=args.apply_chat_template,
+        system_instruction=args.system_instruction,
     )
     print(make_table(results))
     print(f"[{time.perf_counter() - start:.1f}s on {device}]", file=sys.stderr)

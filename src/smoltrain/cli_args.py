@@ -135,6 +135,12 @@ def add_eval(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--output", type=Path, default=None, help="write lm-eval's results JSON here")
     e.add_argument("--log-samples", action="store_true", help="keep each item's scores in the JSON")
+    e.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="prompts in the chat template (few-shot examples as turns), as chat models are scored",
+    )
+    e.add_argument("--system-instruction", default=None, help="a system message before each prompt (chat)")
     e.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
     e.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
     e.add_argument("--device", default="auto")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from smoltrain.atomic import publish_folder, staging_path
 from smoltrain.formats.model_io import BUNDLED_NAME, cached_conversion, reading_gguf, resolve_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _tokenizer_from_hf_json(path: Path):
@@ -97,20 +100,51 @@ def tokenizer_for(model_spec: str | Path, tokenizer_spec: str | Path | None = No
     return load_tokenizer(tokenizer_spec or own_tokenizer_source(model_spec) or BUNDLED_NAME)
 
 
+def chat_template(tokenizer) -> str:
+    """The tokenizer's chat template, or SmolLM2's ChatML (with a one-line note) when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one
+        template = template.get("default") or next(iter(template.values()))
+    if template:
+        return template
+    if not getattr(chat_template, "noted", False):
+        log.warning("the tokenizer has no chat template: conversations are rendered in ChatML")
+        chat_template.noted = True
+    return CHAT_TEMPLATE
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool = False):
-    """Token ids (1, T) of a prompt, wrapped in the tokenizer's chat template when `chat`."""
+    """Token ids (1, T) of a prompt, wrapped in the chat template as a user's turn when `chat`."""
     if not chat:
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this tokenizer has no chat template; ask for plain continuation (drop --chat)")
     messages = [{"role": "user", "content": prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    return encode_conversation(tokenizer, messages)
+
+
+def encode_conversation(tokenizer, messages: list[dict[str, str]]):
+    """Token ids (1, T) of a conversation in the chat template, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template(tokenizer), add_generation_prompt=True, return_tensors="pt"
+    )
     return ids if not hasattr(ids, "keys") else ids["input_ids"]  # a tensor or a BatchEncoding
 
 
-def stop_token_ids(model_eos: int | None, tokenizer) -> list[int]:
-    """Generation stops at the model's EOS and at the tokenizer's (they can differ)."""
-    return [t for t in {model_eos, tokenizer.eos_token_id} if t is not None]
+def stop_token_ids(model_eos: int | None, tokenizer, chat: bool = False) -> list[int]:
+    """Generation stops at the model's EOS and at the tokenizer's (they can differ), and in a
+    chat at the token that ends a turn in the chat template (<|im_end|> in ChatML)."""
+    ends = {model_eos, tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} if chat else set())
+    return sorted(t for t in ends if t is not None)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant's turn with, if any: the first
+    one it renders after a reply's text."""
+    reply = "Fine, thanks."
+    messages = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": reply}]
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template(tokenizer), tokenize=False)
+    after = tokenizer(text[text.rindex(reply) + len(reply) :], add_special_tokens=False)["input_ids"]
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return next((t for t in after if t in specials), None)
 
 
 # SmolLM2's first three tokens, at its ids: a trained tokenizer keeps the presets' bos/eos (0).

@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from smoltrain.data.chat import CHATML, chat_template, render_conversation
+from smoltrain.data.chat import render_conversation
 from smoltrain.data.config import DataConfig
 from smoltrain.data.loader import build_loader
 from smoltrain.model import CustomLLM
+from smoltrain.tokenizer import chat_template
 from tests.conftest import micro_config
 
 CONVERSATIONS = [
@@ -25,6 +26,15 @@ CONVERSATIONS = [
         {"role": "assistant", "content": " spaced\nout\n"},
     ],
 ]
+
+# ChatML (SmolLM2's, without its default system prompt) with generation markers
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # A template of another shape than ChatML (role tags, the EOS token closing a turn, no separator
 # between turns), with generation markers.

@@ -11,39 +11,14 @@ role header before it nor the separator after it.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 # Columns a chat row may hold its conversation in (the hub's chat sets and TRL's formats).
 MESSAGES = "messages"
 PROMPT, COMPLETION = "prompt", "completion"
 
-# ChatML (SmolLM2's template without its default system prompt) with generation markers: the
-# template of a tokenizer that has none.
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 _GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def chat_template(tokenizer) -> str:
-    """The tokenizer's chat template, or ChatML (with a one-line note) when it has none."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: the default one
-        template = template.get("default") or next(iter(template.values()))
-    if template:
-        return template
-    if not getattr(chat_template, "noted", False):
-        log.warning("the tokenizer has no chat template: conversations are rendered in ChatML")
-        chat_template.noted = True
-    return CHATML
 
 
 def conversation_columns(columns: list[str], source: str) -> list[str]:

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+# chat data: questions about the standard library's functions, answered by their docstrings
+BUILTIN_PYTHON_CHAT = "builtin:python-docs-chat"
 REFERENCE_SOURCE = "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2"
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -24,7 +26,8 @@ class Stage:
 
 @dataclass
 class DataConfig:
-    source: str = BUILTIN_PYTHON_DOCS  # hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs
+    # hf:NAME[:CONFIG], a file, folder or glob, or builtin:python-docs (builtin:python-docs-chat for chat)
+    source: str = BUILTIN_PYTHON_DOCS
     # "text": documents of plain text; "chat": conversations (a `messages` column, or `prompt` and
     # `completion`) rendered with the tokenizer's chat template, the loss on the assistant's tokens
     format: str = "text"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from smoltrain.data.config import _LOADERS, BUILTIN_PYTHON_DOCS
+from smoltrain.data.config import _LOADERS, BUILTIN_PYTHON_CHAT, BUILTIN_PYTHON_DOCS
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def open_source(spec: str, text_column: str = "text", txt_documents: str = "file
     columns that hold the conversations (`messages`, or `prompt` and `completion`)."""
     import datasets
 
-    if spec == BUILTIN_PYTHON_DOCS:
-        spec = str(python_docs_dir())  # a folder of .jsonl shards, read like any other
+    if spec in (BUILTIN_PYTHON_DOCS, BUILTIN_PYTHON_CHAT):
+        spec = str(python_docs_dir(chat=spec == BUILTIN_PYTHON_CHAT))  # .jsonl shards, read like any other
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         ds = load_dataset(name, config or None, split="train", streaming=True)
@@ -165,24 +165,39 @@ def open_source(spec: str, text_column: str = "text", txt_documents: str = "file
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip"}
 
 
-def _collect_python_docs(out_dir: str, shards: int = 8) -> None:
-    """Runs in a child process (imports have side effects): the pydoc topics and the
-    docstrings of the standard library, one document per topic or module, sorted."""
+def _stdlib_modules() -> Iterator[tuple[str, Any]]:
+    """The standard library's public modules that import quietly, by name."""
     import contextlib
     import importlib
-    import inspect
     import io
-    import pydoc_data.topics
 
-    docs = [f"{name}\n\n{text.strip()}" for name, text in sorted(pydoc_data.topics.topics.items())]
     for mod_name in sorted(sys.stdlib_module_names):
         if mod_name.startswith("_") or mod_name in _SKIP_MODULES:
             continue
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module = importlib.import_module(mod_name)
+                yield mod_name, importlib.import_module(mod_name)
         except Exception:
             continue
+
+
+def _write_shards(out_dir: str, rows: list[dict[str, Any]], shards: int = 8) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):  # several files, so ranks and workers split by shard
+        with open(out / f"shard-{s:02d}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows[s::shards]:
+                f.write(json.dumps(row) + "\n")
+
+
+def _collect_python_docs(out_dir: str) -> None:
+    """Runs in a child process (imports have side effects): the pydoc topics and the
+    docstrings of the standard library, one document per topic or module, sorted."""
+    import inspect
+    import pydoc_data.topics
+
+    docs = [f"{name}\n\n{text.strip()}" for name, text in sorted(pydoc_data.topics.topics.items())]
+    for mod_name, module in _stdlib_modules():
         # One document for the module and its functions, one per class with its methods.
         module_part = [f"Module {mod_name}\n\n{inspect.getdoc(module) or ''}".strip()]
         class_docs = []
@@ -203,27 +218,62 @@ def _collect_python_docs(out_dir: str, shards: int = 8) -> None:
         if len(module_part) > 1 or len(module_part[0]) > 200:
             docs.append("\n\n".join(module_part))
         docs.extend(class_docs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):  # several files, so ranks and workers split by shard
-        with open(out / f"shard-{s:02d}.jsonl", "w", encoding="utf-8") as f:
-            for doc in docs[s::shards]:
-                f.write(json.dumps({"text": doc}) + "\n")
+    _write_shards(out_dir, [{"text": doc} for doc in docs])
 
 
-def python_docs_dir() -> Path:
-    """The `builtin:python-docs` corpus, built once per Python version and cached."""
+# How the chat set asks about a function; which one, by a hash of its name.
+_QUESTIONS = [
+    "What does `{}` do in Python?",
+    "Explain the Python function `{}`.",
+    "In Python's standard library, what is `{}` for?",
+    "Briefly, what does `{}` do?",
+]
+
+
+def _collect_python_chat(out_dir: str) -> None:
+    """Runs in a child process: one conversation per documented public function of the
+    standard library, a question about it answered by its docstring's first paragraph."""
+    import inspect
+
+    rows = []
+    for mod_name, module in _stdlib_modules():
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod_name:
+                continue
+            if not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            answer = (inspect.getdoc(obj) or "").split("\n\n")[0].strip()
+            if not 20 <= len(answer) <= 600:
+                continue
+            qualified = f"{mod_name}.{name}()"
+            question = _QUESTIONS[hashlib.blake2b(qualified.encode(), digest_size=1).digest()[0] % 4]
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": question.format(qualified)},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            )
+    _write_shards(out_dir, rows)
+
+
+def python_docs_dir(chat: bool = False) -> Path:
+    """The `builtin:python-docs` corpus (`chat`: `builtin:python-docs-chat`), built once per
+    Python version and cached."""
     from smoltrain.atomic import cache_dir, publish_folder, staging_path
 
     version = f"{sys.implementation.name}-{platform.python_version()}"
-    final = cache_dir() / "corpora" / f"python-docs-{version}"
+    kind = "python-docs-chat" if chat else "python-docs"
+    final = cache_dir() / "corpora" / f"{kind}-{version}"
     if final.is_dir():
         return final
     tmp = staging_path(final)
-    code = f"from smoltrain.data import _collect_python_docs; _collect_python_docs({str(tmp)!r})"
+    collect = "_collect_python_chat" if chat else "_collect_python_docs"
+    code = f"from smoltrain.data.sources import {collect}; {collect}({str(tmp)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        raise RuntimeError(f"building {BUILTIN_PYTHON_DOCS} failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"building builtin:{kind} failed:\n{result.stderr[-2000:]}")
     publish_folder(tmp, final)
     return final
 

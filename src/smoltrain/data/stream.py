@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from smoltrain.data.chat import chat_template, conversation, conversation_key, render_conversation
+from smoltrain.data.chat import conversation, conversation_key, render_conversation
 from smoltrain.data.config import DataConfig
 from smoltrain.data.sources import check_text, is_eval_document, open_source
+from smoltrain.tokenizer import chat_template
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from smoltrain.errors import MissingExtra, TrainingError
+from smoltrain.tokenizer import chat_template as template_of
 
 # SmolLM2's zero-shot suite (its model card): lm-eval's names for each benchmark
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -113,6 +114,20 @@ class SmolLM(TemplateLM):
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
+
+    # lm-eval's --apply_chat_template: prompts rendered as a conversation for chat models
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return template_of(self.tokenizer) if chat_template else None
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            chat_template=template_of(self.tokenizer),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
 
     # -------------------------------------------------------------- distributed hooks
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -335,9 +350,12 @@ def evaluate_tasks(
     num_fewshot: int | None = None,
     log_samples: bool = False,
     quiet: bool = False,
+    apply_chat_template: bool = False,
+    system_instruction: str | None = None,
 ) -> dict[str, Any] | None:
     """lm-eval's `simple_evaluate` on our model, with its default seeds: its results dict
-    (rank 0; None elsewhere)."""
+    (rank 0; None elsewhere). `apply_chat_template`: each prompt (its few-shot examples as
+    turns) in the model's chat template, after `system_instruction`, as chat models are scored."""
     import datasets
     from lm_eval import simple_evaluate
 
@@ -356,6 +374,9 @@ def evaluate_tasks(
             limit=limit,
             num_fewshot=num_fewshot,
             log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=apply_chat_template and num_fewshot != 0,
+            system_instruction=system_instruction,
             bootstrap_iters=0 if quiet else 100_000,  # lm-eval's default: the same stderr
             verbosity="ERROR" if quiet else None,
         )

@@ -13,6 +13,7 @@ from smoltrain.data.loader import build_loader
 from smoltrain.device import autocast, to_device
 from smoltrain.generate import generate
 from smoltrain.model.model import CustomLLM
+from smoltrain.tokenizer import encode_prompt, stop_token_ids
 
 
 def held_out_batches(
@@ -69,14 +70,22 @@ def evaluate(
 
 @torch.no_grad()
 def sample(
-    model: CustomLLM, tokenizer, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int
+    model: CustomLLM,
+    tokenizer,
+    prompt: str,
+    tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    chat: bool = False,
 ) -> str:
     """A continuation of the monitoring prompt (the reference prints one every 500 steps),
     sampled with a fixed seed so that samples of different steps are comparable; greedy
-    where `temperature` <= 0."""
+    where `temperature` <= 0. `chat`: the prompt is a user's turn in the chat template and
+    the sample is the reply, up to its end of turn."""
     was_training = model.training
     model.eval()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    ids = encode_prompt(tokenizer, prompt, chat).to(model.device)
     greedy = temperature <= 0
     out = generate(
         model,
@@ -86,7 +95,9 @@ def sample(
         temperature=1.0 if greedy else temperature,
         top_k=top_k,
         repetition_penalty=1.2,
+        eos_token_id=stop_token_ids(model.config.eos_token_id, tokenizer, chat=True) if chat else None,
         seed=seed,
     )
     model.train(was_training)
-    return prompt + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return f"user: {prompt}\nassistant: {reply}" if chat else prompt + reply

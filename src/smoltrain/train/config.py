@@ -91,7 +91,7 @@ class TrainLoopConfig:
 class LogConfig:
     log_every: int = 100  # optimizer steps between log lines
     eval_every: int = 500  # optimizer steps between held-out evaluations (and at the last step)
-    eval_at_start: bool = False  # also evaluate before the first step (the gain shows at the end)
+    eval_at_start: bool = False  # also evaluate (and score benchmarks.tasks) before the first step
     eval_batches: int = 20  # batches of the held-out split per evaluation
     sample_every: int = 500  # optimizer steps between monitoring samples
     sample_prompt: str = "The future of AI is"  # the monitoring sample's prompt
@@ -115,6 +115,9 @@ class BenchmarkConfig:
     num_fewshot: int | None = None  # None: each task's own default
     batch_size: int = 16  # lm-eval requests per forward
     include_path: str | None = None  # a folder of your own lm-eval task YAMLs
+    # prompts in the model's chat template (few-shot examples as turns), as chat models are scored
+    apply_chat_template: bool = False
+    system_instruction: str | None = None  # with apply_chat_template: a system message before each prompt
 
 
 @dataclass

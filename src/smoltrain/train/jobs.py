@@ -90,7 +90,16 @@ def benchmark_and_log(run: Run) -> None:
             batch_size=b.batch_size,
             amp=lambda: autocast(model.device.type, run.precision),
         )
-        results = evaluate_tasks(lm, b.tasks, b.include_path, b.limit, b.num_fewshot, quiet=True)
+        results = evaluate_tasks(
+            lm,
+            b.tasks,
+            b.include_path,
+            b.limit,
+            b.num_fewshot,
+            quiet=True,
+            apply_chat_template=b.apply_chat_template,
+            system_instruction=b.system_instruction,
+        )
     finally:
         model.train()
         set_rng_state(rng)
@@ -117,6 +126,7 @@ def sample_and_log(run: Run) -> None:
             log.sample_temperature,
             log.sample_top_k,
             run.cfg.train.seed,
+            chat=run.cfg.data.format == "chat",
         )
     run.metrics.write(run.state.step, sample=text)
     if is_main:

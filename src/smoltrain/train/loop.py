@@ -11,7 +11,7 @@ from typing import Any
 
 from smoltrain.atomic import FolderLock
 from smoltrain.train.config import TrainConfig
-from smoltrain.train.jobs import evaluate_and_log, finish, run_periodic_jobs
+from smoltrain.train.jobs import benchmark_and_log, evaluate_and_log, finish, run_periodic_jobs
 from smoltrain.train.setup import setup_run
 from smoltrain.train.step import train_step
 
@@ -65,6 +65,8 @@ def train(
     if cfg.log.eval_at_start and run.state.step == 0:
         evaluate_and_log(run)
         run.start_eval_loss = run.last["eval_loss"]
+        if cfg.benchmarks.tasks:  # the scores before training, to read the end's against
+            benchmark_and_log(run)
         run.start_eval_s = time.perf_counter() - run.segment_start
     stopping = False
     with StopRequested() as stop:
