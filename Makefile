@@ -18,7 +18,7 @@ $(VENV)/.setup-done: pyproject.toml
 
 # The tests need every extra too; the test extra builds llama-cpp-python (minutes, once).
 $(VENV)/.setup-test-done: $(VENV)/.setup-done
-	$(BIN)/pip install --quiet -e ".[test,tracking,app,eval]"
+	$(BIN)/pip install --quiet -e ".[test,tracking,app,eval,lora]"
 	touch $@
 
 setup: $(VENV)/.setup-done

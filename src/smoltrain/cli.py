@@ -302,10 +302,10 @@ def cmd_env(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
     from smoltrain.train.machine import format_report, machine_report
 
-    if args.micro_batch < 1 or args.context < 1:
-        raise ValueError("--micro-batch and --context must be at least 1")
+    if args.micro_batch < 1 or args.context < 1 or args.lora_rank < 0:
+        raise ValueError("--micro-batch and --context must be at least 1, --lora-rank at least 0")
     report = machine_report(
-        pick_device(args.device), args.preset, args.micro_batch, args.context, args.precision
+        pick_device(args.device), args.preset, args.micro_batch, args.context, args.precision, args.lora_rank
     )
     print(json.dumps(report, indent=1) if args.json else format_report(report))
 

@@ -187,6 +187,7 @@ def add_env(sub) -> None:
     env.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
     env.add_argument("--context", type=int, default=256, help="tokens per sequence")
     env.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    env.add_argument("--lora-rank", type=int, default=0, help="the estimate for LoRA adapters of this rank")
     env.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     env.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 

@@ -335,7 +335,8 @@ def save_training_state(model, optimizer, folder: Path, is_main: bool, tied: boo
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(**FULL_STATE))
     if is_main:
         skip = "lm_head.weight" if tied else None
-        model_state = {k: v.contiguous() for k, v in model_state.items() if k != skip}
+        kept = trained_names(model)  # LoRA: the adapters only; the rest is model.init_from's
+        model_state = {k: v.contiguous() for k, v in model_state.items() if k != skip and k in kept}
         save_file(model_state, folder / "model.safetensors", metadata={"format": "pt"})
         plain_permissions(folder / "model.safetensors")
         torch.save(optim_state, folder / "optimizer.pt")
@@ -370,6 +371,11 @@ def read_state_file(path: Path):
         ) from None
 
 
+def trained_names(model) -> set[str]:
+    """The parameters a checkpoint holds: those that train (with LoRA, only the adapters)."""
+    return {_canonical_name(k) for k, p in model.named_parameters() if p.requires_grad}
+
+
 def _canonical_name(name: str) -> str:
     # torch.compile and activation checkpointing insert these into parameter names
     for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
@@ -388,7 +394,8 @@ def read_training_state(model, folder: Path, tied: bool) -> tuple[dict, dict]:
     fix = "resume with the model config that wrote it, or start a new run with model.init_from"
     with safe_open(weights, "pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    expected = {k: v for k, v in shapes.items() if not (tied and k == "lm_head.weight")}
+    kept = trained_names(model)
+    expected = {k: v for k, v in shapes.items() if k in kept and not (tied and k == "lm_head.weight")}
     for name in sorted(expected.keys() | saved.keys()):
         if saved.get(name) != expected.get(name):
             raise CheckpointError(
@@ -408,7 +415,7 @@ def read_training_state(model, folder: Path, tied: bool) -> tuple[dict, dict]:
                     f"{tuple(value.shape)}, the parameter {shapes[name]}; {fix}"
                 )
     model_state = load_file(weights)
-    if tied:
+    if tied and "embed_tokens.weight" in model_state:
         model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
     return model_state, optim_state
 
@@ -422,10 +429,11 @@ def load_training_state(model, optimizer, states: tuple[dict, dict] | None, broa
     # torch reads an empty model dict as "optimizer only" and skips the model's broadcast:
     # the other ranks pass their own state as the (unread) placeholder
     model_state, optim_state = states if states is not None else (model.state_dict(), {})
+    partial = len(trained_names(model)) < len(list(model.parameters()))  # LoRA: the adapters only
     set_state_dict(
         model,
         optimizer,
         model_state_dict=model_state,
         optim_state_dict=optim_state,
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=not partial),
     )

@@ -57,6 +57,21 @@ class ScheduleConfig:
     past_end_lr: float = 0.0  # lr for steps beyond max_steps (the resume phase's extra steps)
 
 
+# the linear layers of a decoder layer, by their names in our model and in transformers'
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft (smoltrain/train/lora.py): the model's own weights stay frozen."""
+
+    rank: int = 0  # 0: off (every weight trains); else the adapters' rank (8-64 is usual)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LINEARS))  # the linear layers that get adapters
+    save_adapter: bool = False  # also write final-adapter/, a peft adapter folder (final/ is merged)
+
+
 @dataclass
 class TrainLoopConfig:
     micro_batch_size: int = 4  # sequences per forward pass per process
@@ -73,6 +88,7 @@ class TrainLoopConfig:
     fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2)
     dist_timeout_minutes: float = 60.0  # a collective's wait, e.g. for rank 0 writing a checkpoint
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30% more time
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters instead of training every weight
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     loss_scale: float = 65536.0  # fp16: GradScaler's initial scale (halved at each overflow)
     # Loss-spike guard (0: off): a step whose loss or grad norm exceeds spike_factor x its mean
@@ -360,6 +376,16 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"schedule.max_minutes must be above 0 (or unset), got {cfg.schedule.max_minutes}")
     if cfg.train.peak_flops is not None and not cfg.train.peak_flops > 0:
         problems.append(f"train.peak_flops must be above 0 (or unset), got {cfg.train.peak_flops}")
+    lora = cfg.train.lora
+    if lora.rank < 0 or (lora.rank and not lora.alpha > 0) or not 0 <= lora.dropout < 1:
+        problems.append(
+            f"train.lora needs rank >= 0 (0: off), alpha above 0 and dropout in [0, 1); got rank "
+            f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}"
+        )
+    if lora.rank and cfg.train.fsdp:
+        problems.append("train.lora with train.fsdp is not supported yet; use DDP (train.fsdp=false)")
+    if lora.rank and cfg.optim.name == "muon":
+        problems.append("train.lora trains with AdamW; set optim.name=adamw")
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))
 

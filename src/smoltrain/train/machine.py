@@ -49,6 +49,7 @@ EXTRAS = {
     "tracking (wandb)": "wandb",
     "tracking (tensorboard)": "tensorboard",
     "llama.cpp (llama-cpp-python)": "llama_cpp",
+    "lora (peft)": "peft",
 }
 
 
@@ -74,10 +75,14 @@ def estimate_training_memory(
     precision: str,
     kernels: tuple[str, ...],
     gradient_checkpointing: bool = False,
+    lora_rank: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of one training step of `config` at `micro_batch` x `context` tokens with
-    AdamW on one process (see the module's docstring for what is counted)."""
+    AdamW on one process (see the module's docstring for what is counted). `lora_rank`:
+    adapters of that rank on every linear layer train, the model's own weights are frozen
+    (no gradients, no optimizer state for them)."""
     params = config.num_params()
+    trained = lora_parameters(config, lora_rank) if lora_rank else params
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
     tokens = micro_batch * context
@@ -102,13 +107,23 @@ def estimate_training_memory(
         loss = 3 * tokens * vocab * 4  # logits, fp32 log-softmax, their gradient
     return MemoryEstimate(
         # under autocast the layers' weights are kept cast for backward; the head's per chunk
-        weights=params * 4 + (params - vocab * config.hidden_size) * (2 if half else 0),
-        gradients=params * 4,
-        optimizer=params * 8,
+        weights=(params + (trained if lora_rank else 0)) * 4
+        + (params - vocab * config.hidden_size) * (2 if half else 0),
+        gradients=trained * 4,
+        optimizer=trained * 8,
         activations=activations,
         loss=loss,
         runtime=RUNTIME_BYTES.get(device_type, 0.0),
     )
+
+
+def lora_parameters(config: ModelConfig, rank: int) -> int:
+    """The parameters of rank-`rank` adapters (A: rank x in, B: out x rank) on every linear
+    layer of every decoder layer."""
+    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    q = config.num_attention_heads * config.head_dim
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out): q k v o gate up down
+    return config.num_hidden_layers * sum(rank * (n_in + n_out) for n_in, n_out in shapes)
 
 
 def device_memory(device: torch.device) -> float:
@@ -136,13 +151,14 @@ def check_step_fits(
     kernels: tuple[str, ...],
     gradient_checkpointing: bool,
     shards: int = 1,
+    lora_rank: int = 0,
 ) -> None:
     """Refuse, before anything is allocated, a step whose estimated memory exceeds all the
     device has (a micro-batch of 10^9 allocated until the kernel killed the process, with no
     word). The estimate is `smoltrain env`'s, within about 25%: only a step clearly too big
     is refused; one that merely may not fit is left to try."""
     estimate = estimate_training_memory(
-        config, micro_batch, context, device.type, precision, kernels, gradient_checkpointing
+        config, micro_batch, context, device.type, precision, kernels, gradient_checkpointing, lora_rank
     )
     sharded = (estimate.weights + estimate.gradients + estimate.optimizer) * (1 - 1 / shards)
     need, have = estimate.total - sharded, device_memory(device)
@@ -186,7 +202,7 @@ def _version(module: str) -> str | None:
 
 
 def machine_report(
-    device_type: str, preset: str, micro_batch: int, context: int, precision: str = "auto"
+    device_type: str, preset: str, micro_batch: int, context: int, precision: str = "auto", lora_rank: int = 0
 ) -> dict:
     """Everything `smoltrain env` prints, as one JSON-able dict."""
     from smoltrain.model.config import get_preset
@@ -196,7 +212,9 @@ def machine_report(
     choice = choose_precision(precision, device_type, speeds if device_type == "cpu" else None)
     kernels = choose_kernels(device_type, choice.precision)
     config = get_preset(preset)
-    estimate = estimate_training_memory(config, micro_batch, context, device_type, choice.precision, kernels)
+    estimate = estimate_training_memory(
+        config, micro_batch, context, device_type, choice.precision, kernels, lora_rank=lora_rank
+    )
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -227,6 +245,7 @@ def machine_report(
             "micro_batch": micro_batch,
             "context": context,
             "precision": choice.precision,
+            "lora_rank": lora_rank,
             **{k: round(v / GB, 3) for k, v in asdict(estimate).items()},
             "total_gb": round(estimate.total / GB, 2),
         },
@@ -259,7 +278,9 @@ def format_report(report: dict) -> str:
         "auto kernels": ", ".join(auto["kernels"]) or "none (the plain model)",
         "extras": extras,
         "training memory": f"{mem['preset']} ({mem['parameters'] / 1e6:,.1f}M parameters), micro-batch "
-        f"{mem['micro_batch']} x {mem['context']} tokens, {mem['precision']}, AdamW: about "
+        f"{mem['micro_batch']} x {mem['context']} tokens, {mem['precision']}, AdamW"
+        + (f" on LoRA rank {mem['lora_rank']} adapters" if mem["lora_rank"] else "")
+        + ": about "
         f"{mem['total_gb']:.1f} GB ({parts} GB)",
     }
     if auto["warning"]:

@@ -162,6 +162,8 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
     ]
     if "final" in summary:
         lines.append(f"  model       {summary['final']} (transformers loads it)")
+    if "adapter" in summary:
+        lines.append(f"  adapter     {summary['adapter']} (peft's PeftModel loads it on the base model)")
     if "final_gguf" in summary:
         lines.append(f"  gguf        {summary['final_gguf']} (llama.cpp, Ollama and LM Studio run it)")
     print("\n".join(lines), flush=True)

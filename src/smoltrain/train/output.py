@@ -42,7 +42,7 @@ def export_final(
 
 
 # every file and folder a run writes into its output folder: what --overwrite removes
-RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "final.gguf", "loss.png", "branches.png")
+RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "final", "final-adapter", "final.gguf", "loss.png", "branches.png")
 
 
 def holds_run(out: Path) -> bool:

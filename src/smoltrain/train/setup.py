@@ -114,6 +114,10 @@ def build_model(cfg: TrainConfig, tokenizer) -> CustomLLM:
     else:
         model = CustomLLM(build_model_config(cfg, tokenizer))
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
+    if cfg.train.lora.rank:
+        from smoltrain.train.lora import add_adapters
+
+        model = add_adapters(model, cfg.train.lora)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -269,7 +273,9 @@ def build_model_and_optimizers(cfg: TrainConfig, tokenizer, accelerator, precisi
     kernels = tuple(active_kernels(raw))
     context, gc = cfg.data.context_length, t.gradient_checkpointing
     shards = accelerator.num_processes if fsdp else 1
-    check_step_fits(raw.config, t.micro_batch_size, context, device, precision, kernels, gc, shards)
+    check_step_fits(
+        raw.config, t.micro_batch_size, context, device, precision, kernels, gc, shards, t.lora.rank
+    )
     if cfg.export.gguf:
         from smoltrain.formats.gguf import check_exportable, check_tokenizer_exportable
 
@@ -442,7 +448,10 @@ def setup_run(
 def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
     cfg, t, acc = run.cfg, run.cfg.train, run.accelerator
     kernels = active_kernels(run.raw_model)
-    return {
+    params = list(run.raw_model.parameters())
+    trained = sum(p.numel() for p in params if p.requires_grad)
+    chat = ", chat: the loss on the assistant's tokens" if cfg.data.format == "chat" else ""
+    lines = {
         "model": f"{cfg.model.init_from or cfg.model.preset}: {run.raw_model.num_parameters():,} parameters",
         "batch": f"{t.micro_batch_size} x {run.grad_accum_steps} accumulation x {acc.num_processes} "
         f"process(es) x {cfg.data.context_length} tokens = {run.tokens_per_step:,} tokens/step",
@@ -453,9 +462,15 @@ def start_summary(run: Run, process_tweaks: list[str]) -> dict[str, str]:
         "kernels": "; ".join(f"{k} ({KERNELS[k][2]})" for k in kernels) or "none (the plain model)",
         "process": "; ".join(process_tweaks) or "as started",
         "mfu": f"against {format_flops(run.peak_flops)} per process ({run.peak_source})",
-        "data": f"{describe_data(cfg.data)} ({cfg.data.mode}), tokenizer {cfg.tokenizer}",
+        "data": f"{describe_data(cfg.data)} ({cfg.data.mode}{chat}), tokenizer {cfg.tokenizer}",
         "output": cfg.output_dir,
     }
+    if t.lora.rank:
+        lines["lora"] = (
+            f"rank {t.lora.rank}, alpha {t.lora.alpha:g} on {', '.join(t.lora.targets)} (peft): "
+            f"{trained:,} of {sum(p.numel() for p in params):,} parameters train, the rest frozen"
+        )
+    return lines
 
 
 def _parallelism(accelerator, fsdp: bool) -> str:

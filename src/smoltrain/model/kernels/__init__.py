@@ -81,9 +81,18 @@ def prepare_for_training(
     for name in chosen:
         plain, kernel, _ = KERNELS[name]
         for module in model.modules():
-            if type(module) is plain:
+            if type(module) is plain and not _has_wrapped_projections(module):
                 swap_class(module, kernel)
     return model.train()
+
+
+def _has_wrapped_projections(module: nn.Module) -> bool:
+    """The joined-projection kernels compute with their sublayers' weights themselves: a
+    sublayer wrapped by something else (a LoRA adapter) would be bypassed, so a module with
+    one keeps its plain forward."""
+    return any(
+        name.endswith("_proj") and type(child) is not nn.Linear for name, child in module.named_children()
+    )
 
 
 def active_kernels(model: nn.Module) -> list[str]:
