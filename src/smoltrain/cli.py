@@ -100,6 +100,79 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"\n[{count} pieces in {elapsed:.1f}s on {device}]", file=sys.stderr)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """A conversation in the terminal: the history is the context of each reply (its oldest
+    exchanges dropped, with a note, once it outgrows the model's context)."""
+    from smoltrain.device import pick_device
+    from smoltrain.formats.model_io import load_model
+    from smoltrain.generate import prepare_for_generation, stream_text
+    from smoltrain.tokenizer import check_tokenizer_fits, fit_conversation, stop_token_ids, tokenizer_for
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    device = pick_device(args.device)
+    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype, device), device=device))
+    tokenizer = tokenizer_for(args.model, args.tokenizer)
+    check_tokenizer_fits(model.config.vocab_size, tokenizer)
+    stops = stop_token_ids(model.config.eos_token_id, tokenizer, chat=True)
+    context = model.config.max_position_embeddings
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {args.model} on {device}; /undo, /clear, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text in ("/clear", "/undo") or not text:
+            if text == "/clear":
+                history.clear()
+            elif text == "/undo":
+                del history[-2:]
+            print(f"[{len(history) // 2} exchange(s) kept]" if text else "", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            ids, dropped = fit_conversation(
+                tokenizer, system + history, context - min(args.max_new_tokens, context // 2)
+            )
+        except ValueError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if dropped:
+            print(
+                f"[the {dropped} oldest message(s) no longer fit the context; the reply does not see them]",
+                file=sys.stderr,
+            )
+        if not interactive:
+            print(f"you> {text}")
+        print("assistant> ", end="", flush=True)
+        pieces = stream_text(
+            model,
+            tokenizer,
+            ids.to(device),
+            max_new_tokens=min(args.max_new_tokens, context - ids.shape[-1]),
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else 1.0,
+            top_k=args.top_k if args.temperature > 0 else None,
+            top_p=args.top_p if args.temperature > 0 else None,
+            repetition_penalty=args.repetition_penalty,
+            eos_token_id=stops,
+            seed=args.seed,
+        )
+        reply = ""
+        for piece in pieces:
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
 def check_output_folder(folder: Path, overwrite: bool, what: str) -> None:
     """A folder a command writes whole: refused when it is a file, or holds files and
     `overwrite` is off, or holds files smoltrain did not write (the command replaces the
@@ -334,6 +407,7 @@ def _trains_on_cpu_with_tuning(args: argparse.Namespace) -> bool:
 
 COMMANDS = {  # the sub-command (and the tokenizer's own) -> what runs it
     "generate": cmd_generate,
+    "chat": cmd_chat,
     "convert": cmd_convert,
     "prepare": cmd_prepare,
     "tokenizer train": cmd_tokenizer_train,

@@ -54,6 +54,29 @@ def add_generate(sub) -> None:
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
+def add_chat(sub) -> None:
+    c = sub.add_parser(
+        "chat",
+        help="a conversation with a model in the terminal (its chat template, the history kept)",
+        description="Chat with a model: each reply streams as it is made and the conversation so far is "
+        "its context. Type /undo to take back the last exchange, /clear to start over, /exit (or "
+        "Ctrl-D) to leave.",
+    )
+    c.add_argument(
+        "--model", default="smollm2", help="HF folder, run's final/, .gguf file, hub name or 'smollm2'"
+    )
+    c.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
+    c.add_argument("--system", default=None, help="a system prompt (default: the template's own, if any)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
+    c.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    c.add_argument("--top-k", type=int, default=50)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--repetition-penalty", type=float, default=1.1)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
+    c.add_argument("--device", default="auto")
+
+
 def add_convert(sub) -> None:
     c = sub.add_parser(
         "convert",
@@ -211,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         add_generate,
+        add_chat,
         add_convert,
         add_prepare,
         add_tokenizer,

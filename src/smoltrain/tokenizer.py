@@ -129,6 +129,24 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]]):
     return ids if not hasattr(ids, "keys") else ids["input_ids"]  # a tensor or a BatchEncoding
 
 
+def fit_conversation(tokenizer, messages: list[dict[str, str]], max_tokens: int):
+    """Token ids (1, T) of the conversation's latest part that fits in `max_tokens`: its
+    oldest exchanges left out first (a system message stays), and how many messages were
+    left out. Raises ValueError when even the last message alone does not fit."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    for start in range(len(turns)):
+        if start and turns[start]["role"] != "user":
+            continue  # a conversation resumes at a user's message
+        ids = encode_conversation(tokenizer, system + turns[start:])
+        if ids.shape[-1] <= max_tokens:
+            return ids, start
+    raise ValueError(
+        f"the last message alone takes more than the {max_tokens:,} tokens the model can read "
+        "before its reply; shorten it"
+    )
+
+
 def stop_token_ids(model_eos: int | None, tokenizer, chat: bool = False) -> list[int]:
     """Generation stops at the model's EOS and at the tokenizer's (they can differ), and in a
     chat at the token that ends a turn in the chat template (<|im_end|> in ChatML)."""
