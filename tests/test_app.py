@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from smoltrain.app import CHAT, CONTINUE, stream_reply
+from smoltrain.app import CHAT, CONTINUE, stream_chat_reply, stream_reply
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 GREEDY = dict(max_new_tokens=24, temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.1)
@@ -96,6 +96,7 @@ def test_page_streams_the_greedy_continuation(server, browser, smollm2, smollm2_
     want = expected(smollm2, smollm2_tokenizer, prompt, CONTINUE, **{**GREEDY, "max_new_tokens": 128})
     page = browser.new_page()
     page.goto(url)
+    page.get_by_role("tab", name="Text").click()  # the page opens on the chat
     page.get_by_label(CONTINUE).check()
     page.locator("#prompt textarea").fill(prompt)
     assert "134,515,008 parameters" in page.locator("#model-info").inner_text()
@@ -120,11 +121,53 @@ def test_empty_prompt_shows_a_message_and_logs_one_line(server, browser):
     url, log = server
     page = browser.new_page()
     page.goto(url)
+    page.get_by_role("tab", name="Text").click()
     page.locator("#generate").click()
     page.get_by_text("Enter a prompt first.").first.wait_for(timeout=30_000)
     time.sleep(0.5)
     assert "rejected a request: Enter a prompt first.\n" in log
     assert not any("Traceback" in line for line in log), "".join(log)
+
+
+def replies_shown(page, n: int, timeout: float = 120) -> list[str]:
+    """The assistant's messages in the page's conversation once the n-th reply is complete."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        replies = page.locator("#conversation [data-testid='bot']").all_inner_texts()
+        if len(replies) >= n and "tokens/s" in page.locator("#chat-stats").inner_text():
+            return replies
+        time.sleep(0.2)
+    raise AssertionError(f"no reply {n} within {timeout}s; the page shows {replies}")
+
+
+def test_a_multi_turn_chat_in_the_page(server, browser, smollm2, smollm2_tokenizer, tmp_path):
+    """Two questions, the second only clear with the first: each reply is the model's greedy
+    reply to the whole conversation after the system prompt; undo and clear."""
+    url, _ = server
+    model, _ = smollm2
+    system = "You are a geography teacher. Answer in one sentence."
+    page = browser.new_page()
+    page.goto(url)
+    page.locator("#system textarea").fill(system)
+    history = []
+    for n, question in enumerate(["What is the capital of France?", "And of Italy?"], start=1):
+        page_settings = {**GREEDY, "max_new_tokens": 128}  # the page's defaults
+        *_, (want, _) = stream_chat_reply(
+            model, smollm2_tokenizer, history, question, system, **page_settings
+        )
+        box = page.locator("#message textarea")
+        box.fill(question)
+        page.locator("#send").click() if n == 1 else box.press("Enter")
+        assert replies_shown(page, n)[-1] == want.strip()
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": want}]
+    assert "Rome" in history[-1]["content"]  # the second question was read with the first
+    assert box.input_value() == ""  # taken from the box once sent
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    page.locator("#undo").click()
+    page.wait_for_function("document.querySelectorAll(\"#conversation [data-testid='bot']\").length == 1")
+    assert box.input_value() == "And of Italy?"  # back in the box, to edit and resend
+    page.locator("#clear").click()
+    page.wait_for_function("document.querySelectorAll(\"#conversation [data-testid='user']\").length == 0")
 
 
 def test_four_concurrent_requests_all_answered(server, smollm2, smollm2_tokenizer):

@@ -1,5 +1,6 @@
-"""A Gradio text-generation app: any model `load_model` reads, streamed token
-by token through the KV-cache generator. `smoltrain serve` runs it locally; `app.py` at the
+"""A Gradio app for any model `load_model` reads, streamed token by token through the
+KV-cache generator: a multi-turn chat in the model's chat template (a system prompt, undo,
+clear) and plain text continuation. `smoltrain serve` runs it locally; `app.py` at the
 repository root runs it as a Hugging Face Space."""
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from smoltrain.device import inference_dtype
 from smoltrain.formats.model_io import load_model
 from smoltrain.generate import prepare_for_generation, stream_pieces
 from smoltrain.model.model import CustomLLM
-from smoltrain.tokenizer import check_tokenizer_fits, encode_prompt, stop_token_ids, tokenizer_for
+from smoltrain.tokenizer import (
+    check_tokenizer_fits,
+    encode_prompt,
+    fit_conversation,
+    stop_token_ids,
+    tokenizer_for,
+)
 
 CONTINUE, CHAT = "Continue text", "Chat"
 
@@ -78,6 +85,50 @@ def stream_reply(
             f"The prompt is {ids.shape[1]:,} tokens; this model reads at most {context:,}. Shorten it."
         )
     eos = stop_token_ids(model.config.eos_token_id, tokenizer, chat=mode == CHAT)
+    yield from stream_ids(
+        model, tokenizer, ids, eos, max_new_tokens, temperature, top_k, top_p, repetition_penalty
+    )
+
+
+def stream_chat_reply(
+    model: CustomLLM,
+    tokenizer,
+    history: list[dict[str, str]],
+    message: str,
+    system: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    limits: Limits | None = None,
+):
+    """Yield (reply so far, stats line) to `message` after the conversation `history`, all
+    in the chat template after the `system` prompt (none: the template's own); the oldest
+    exchanges give way when the conversation outgrows the context."""
+    check_request(message, max_new_tokens, temperature, top_k, top_p, repetition_penalty, limits or Limits())
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    messages += [{"role": m["role"], "content": _text(m["content"])} for m in history]
+    messages.append({"role": "user", "content": message})
+    context = model.config.max_position_embeddings
+    ids, dropped = fit_conversation(tokenizer, messages, context - min(int(max_new_tokens), context // 2))
+    eos = stop_token_ids(model.config.eos_token_id, tokenizer, chat=True)
+    note = f" · the {dropped} oldest message(s) no longer fit the context" if dropped else ""
+    for text, stats in stream_ids(
+        model, tokenizer, ids, eos, max_new_tokens, temperature, top_k, top_p, repetition_penalty
+    ):
+        yield text, stats + (note if stats else "")
+
+
+def _text(content) -> str:
+    # Gradio's chat messages hold text, or a list of parts ({"type": "text", "text": ...})
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+
+
+def stream_ids(model, tokenizer, ids, eos, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+    """Yield (text so far, "") per generated piece, then (text, the stats line)."""
     greedy = temperature == 0
     start = time.perf_counter()
     first = None
@@ -115,6 +166,11 @@ def build_app(
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     name = Path(str(model_spec)).name if model_spec != "smollm2" else "SmolLM2-135M-Instruct (bundled)"
 
+    def rejected(e: ValueError):
+        # the page shows the message; the server's log gets one line, not a traceback
+        print(f"rejected a request: {e}", file=sys.stderr, flush=True)
+        return gr.Error(str(e), print_exception=False)
+
     def respond(prompt, mode, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
         try:
             yield from stream_reply(
@@ -130,9 +186,38 @@ def build_app(
                 limits,
             )
         except ValueError as e:
-            # the page shows the message; the server's log gets one line, not a traceback
-            print(f"rejected a request: {e}", file=sys.stderr, flush=True)
-            raise gr.Error(str(e), print_exception=False) from None
+            raise rejected(e) from None
+
+    def chat(message, history, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+        """Streams the reply into the conversation; the message box empties once it is taken."""
+        history = list(history or [])
+        try:
+            replies = stream_chat_reply(
+                model,
+                tokenizer,
+                history,
+                message,
+                system,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                limits,
+            )
+            asked = [*history, {"role": "user", "content": message}]
+            for text, line in replies:
+                yield asked + [{"role": "assistant", "content": text}], "", line
+        except ValueError as e:
+            raise rejected(e) from None
+
+    def undo(history):
+        """The last exchange taken back; its message returns to the box to edit."""
+        history = list(history or [])
+        while history and history[-1]["role"] != "user":
+            history.pop()
+        message = _text(history.pop()["content"]) if history else ""
+        return history, message
 
     with gr.Blocks(title=f"smoltrain · {name}") as demo:
         context = model.config.max_position_embeddings
@@ -141,18 +226,32 @@ def build_app(
             " · served by smoltrain",
             elem_id="model-info",
         )
-        mode = gr.Radio(
-            [CONTINUE, CHAT] if has_chat else [CONTINUE],
-            value=CHAT if has_chat else CONTINUE,
-            label="Mode",
-            elem_id="mode",
-        )
-        prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt")
-        with gr.Row():
-            run = gr.Button("Generate", variant="primary", elem_id="generate")
-            stop = gr.Button("Stop", elem_id="stop")
-        output = gr.Textbox(label="Output", lines=10, elem_id="output", interactive=False)
-        stats = gr.Markdown(elem_id="stats")
+        with gr.Tabs(selected="chat-tab" if has_chat else "text-tab"):
+            with gr.Tab("Chat", id="chat-tab", elem_id="chat-tab", visible=has_chat):
+                system = gr.Textbox(
+                    label="System prompt (empty: the template's own)", lines=1, elem_id="system"
+                )
+                conversation = gr.Chatbot(label="Conversation", elem_id="conversation", height=360)
+                message = gr.Textbox(label="Message (Enter sends)", lines=1, max_lines=8, elem_id="message")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    chat_stop = gr.Button("Stop", elem_id="chat-stop")
+                    undo_button = gr.Button("Undo", elem_id="undo")
+                    clear = gr.Button("Clear", elem_id="clear")
+                chat_stats = gr.Markdown(elem_id="chat-stats")
+            with gr.Tab("Text", id="text-tab", elem_id="text-tab"):
+                mode = gr.Radio(
+                    [CONTINUE, CHAT] if has_chat else [CONTINUE],
+                    value=CONTINUE,
+                    label="Mode (chat: one question, no history)",
+                    elem_id="mode",
+                )
+                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
+                output = gr.Textbox(label="Output", lines=10, elem_id="output", interactive=False)
+                stats = gr.Markdown(elem_id="stats")
         with gr.Accordion("Sampling", open=False):
             max_new_tokens = gr.Slider(*limits.max_new_tokens, value=128, step=1, label="Max new tokens")
             temperature = gr.Slider(
@@ -163,10 +262,18 @@ def build_app(
             repetition_penalty = gr.Slider(
                 *limits.repetition_penalty, value=1.1, step=0.01, label="Repetition penalty"
             )
-        inputs = [prompt, mode, max_new_tokens, temperature, top_k, top_p, repetition_penalty]
+        sampling = [max_new_tokens, temperature, top_k, top_p, repetition_penalty]
+        inputs = [prompt, mode, *sampling]
         event = run.click(respond, inputs=inputs, outputs=[output, stats], api_name="generate")
         submitted = prompt.submit(respond, inputs=inputs, outputs=[output, stats], api_name=False)
         stop.click(None, cancels=[event, submitted])
+        chat_inputs = [message, conversation, system, *sampling]
+        chat_outputs = [conversation, message, chat_stats]
+        sent = send.click(chat, inputs=chat_inputs, outputs=chat_outputs, api_name="chat")
+        entered = message.submit(chat, inputs=chat_inputs, outputs=chat_outputs, api_name=False)
+        chat_stop.click(None, cancels=[sent, entered])
+        undo_button.click(undo, inputs=[conversation], outputs=[conversation, message], api_name=False)
+        clear.click(lambda: ([], ""), outputs=[conversation, chat_stats], api_name=False)
     # The queue serves requests in order and streams their updates; two at a time share the CPU.
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
