@@ -271,6 +271,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         eval_every=args.holdout_every,  # the manifest's name for it
         text_column=args.text_column,
         txt_documents=args.txt_documents,
+        data_format=args.format,
         shard_documents=args.shard_documents,
     )
     m = prepare(job, overwrite=args.overwrite, progress=not args.no_progress)
@@ -281,7 +282,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         f"train with data.source={args.out_dir}"
     )
     if m.get("empty_documents"):
-        print(f"note: left out {m['empty_documents']:,} empty documents (no text, no tokens)")
+        what = (
+            "conversations with no assistant turn" if args.format == "chat" else "empty documents (no text)"
+        )
+        print(f"note: left out {m['empty_documents']:,} {what}: nothing to train on")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:

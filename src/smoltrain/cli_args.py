@@ -111,6 +111,13 @@ def add_prepare(sub) -> None:
     )
     p.add_argument("--text-column", default="text")
     p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
+    p.add_argument(
+        "--format",
+        choices=["text", "chat"],
+        default="text",
+        help="chat: conversations (messages, or prompt/completion) in the tokenizer's chat template, "
+        "with the mask of the assistant's tokens (train with data.format=chat)",
+    )
     p.add_argument("--shard-documents", type=int, default=10_000, help="source documents per shard")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

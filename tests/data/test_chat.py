@@ -1,15 +1,17 @@
 """Chat data: the assistant's tokens (the only ones trained on) for any template, and
 conversations packed without seeing each other."""
 
+import itertools
 import json
 import re
 
 import pytest
 import torch
 
-from smoltrain.data.chat import render_conversation
+from smoltrain.data.chat import conversation_key, render_conversation
 from smoltrain.data.config import DataConfig
 from smoltrain.data.loader import build_loader
+from smoltrain.data.sources import is_eval_document
 from smoltrain.model import CustomLLM
 from smoltrain.tokenizer import chat_template
 from tests.conftest import micro_config
@@ -190,3 +192,50 @@ def test_rows_without_conversations_are_refused(tmp_path, smollm2_tokenizer):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "text": "no content key"}]}])
     with pytest.raises(ValueError, match="not a list of messages with a text 'role' and 'content'"):
         next(iter(build_loader(DataConfig(str(bad), format="chat"), smollm2_tokenizer, 1)))
+
+
+def test_prepared_chat_shards_carry_the_loss_mask(tmp_path, smollm2_tokenizer):
+    """`smoltrain prepare --format chat`: the shards hold each conversation's tokens and the
+    mask of its reply; training reads them packed whole, trained on the replies only."""
+    import subprocess
+    import sys
+
+    rows = chat_rows(40) + [{"messages": [{"role": "user", "content": "no reply"}]}]
+    source = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "prepared"
+    prepared = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smoltrain",
+            "prepare",
+            str(source),
+            str(out),
+            "--format",
+            "chat",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    assert "left out 1 conversations with no assistant turn" in prepared.stdout
+    template = chat_template(smollm2_tokenizer)
+    held_out = DataConfig().holdout_every  # prepare's default split
+    wanted = [
+        render_conversation(smollm2_tokenizer, template, r["messages"])
+        for r in rows[:40]
+        if not is_eval_document(conversation_key(r["messages"]), held_out)
+    ]
+    cfg = DataConfig(str(out), format="chat", context_length=96, shuffle_buffer=0)
+    seen = []
+    for batch in itertools.islice(build_loader(cfg, smollm2_tokenizer, 2), 10):
+        for ids, labels, docs in zip(batch["input_ids"], batch["labels"], batch["document_ids"], strict=True):
+            for d in docs.unique().tolist():
+                at = docs == d
+                if d >= 0:
+                    seen.append((ids[at].tolist(), (labels[at] != -100).tolist()))
+    assert seen[: len(wanted)] == wanted  # in order, whole, the replies trained on, then the next epoch
+    with pytest.raises(ValueError, match="was prepared as chat data .* set data.format=chat"):
+        build_loader(DataConfig(str(out), context_length=96), smollm2_tokenizer, 2)

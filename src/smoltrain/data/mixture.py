@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch
 from smoltrain.data.config import DataConfig, MixtureEntry
 from smoltrain.data.shards import ShardSet, check_tokenizer, is_prepared, read_manifest
 from smoltrain.data.stream import TokenStream, _open_fn, make_collate, packed_example
+
+log = logging.getLogger(__name__)
 
 PERIOD = 10_000  # slots in one turn of a mixture's pattern
 
@@ -139,7 +142,17 @@ class ShardSamples:
 
     def __init__(self, folder: str, cfg: DataConfig, tokenizer, split: str, infinite: bool) -> None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.blocks = ShardSet(folder, split, cfg.context_length)
+        self.blocks = ShardSet(folder, split, cfg.context_length, cfg.long_conversations)
+        if self.blocks.chat and self.blocks.long:
+            done = "cut to it" if cfg.long_conversations == "truncate" else "left out"
+            log.warning(
+                "%d %s conversations of %s are longer than data.context_length=%d and are %s",
+                self.blocks.long,
+                split,
+                folder,
+                cfg.context_length,
+                done,
+            )
         self.T, self.pad, self.infinite = cfg.context_length, pad, infinite
         self.seed, self.shuffle = cfg.seed, infinite and cfg.shuffle_buffer > 0
         self._epoch, self._order = -1, None
@@ -364,7 +377,15 @@ def build_plan_loader(
                     f"data.mode=pad reads documents one per row, which prepared shards ('{spec}') "
                     "do not serve; use data.mode=pack (with data.document_mask for per-document attention)"
                 )
-            check_tokenizer(spec, read_manifest(spec), tokenizer)
+            manifest = read_manifest(spec)
+            check_tokenizer(spec, manifest, tokenizer)
+            prepared_as = manifest.get("data_format", "text")
+            if prepared_as != cfg.format:
+                raise ValueError(
+                    f"data source '{spec}' was prepared as {prepared_as} data (smoltrain prepare --format "
+                    f"{prepared_as}) but data.format is {cfg.format}; set data.format={prepared_as}, or "
+                    f"prepare the source again with --format {cfg.format}"
+                )
             readers.append(ShardSamples(spec, cfg, tokenizer, split, infinite))
         else:
             readers.append(StreamSamples(spec, cfg, tokenizer, split, infinite, snapshot_every))

@@ -8,6 +8,8 @@ tool reads them, and a block is one slice of a page-cached file):
     shard-00000.train.docs.npy  vocabulary fits, else uint32); document start offsets + end
     shard-00000.eval.npy        the held-out documents of the same chunk, likewise
     shard-00000.eval.docs.npy
+    shard-00000.*.mask.npy      chat data (--format chat): 1 where a token is the assistant's
+                                (trained on), per token; conversations carry no EOS
     shard-00000.json            the shard's counts, written after its arrays: "this one is done"
     prepare.json                what is being prepared (source, tokenizer, split): resume key
     manifest.json               written last and atomically: the dataset is complete
@@ -37,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from smoltrain.atomic import FolderLock, refuse_foreign_files, write_atomic
+from smoltrain.data.chat import conversation, conversation_key, render_conversation
 from smoltrain.data.sources import MANIFEST, PROGRESS, check_text, is_eval_document, open_source
 from smoltrain.errors import DataError
-from smoltrain.tokenizer import load_tokenizer
+from smoltrain.tokenizer import chat_template, load_tokenizer
 
 FORMAT = "smoltrain-shards/1"
 SPLITS = ("train", "eval")
@@ -94,6 +97,7 @@ class PrepareJob:
     eval_every: int = 200  # hold out 1 in N documents (by content hash, as in training); 0: none
     text_column: str = "text"
     txt_documents: str = "file"
+    data_format: str = "text"  # "chat": conversations, with the mask of the assistant's tokens
     shard_documents: int = 10_000  # source documents per shard
     tokenize_batch: int = 256  # documents per call to the fast tokenizer
 
@@ -126,9 +130,47 @@ def _tokenize(texts: list[str], tokenizer, dtype: str, batch: int) -> tuple[np.n
     return tokens, np.cumsum(lengths, dtype=np.int64)
 
 
-def _write_shard(out: str, index: int, texts: list[str], job: dict[str, Any], dtype: str) -> dict[str, int]:
-    """Tokenize one chunk of documents and write its files, the .json last (in a worker)."""
+def _render_chat(conversations: list[list[dict[str, str]]], tokenizer, dtype: str):
+    """Token ids of conversations in the chat template, the document offsets, the mask of
+    the assistant's tokens, and how many had no assistant turn (left out)."""
+    template, pieces, masks, lengths, silent = chat_template(tokenizer), [], [], [0], 0
+    for messages in conversations:
+        rendered = render_conversation(tokenizer, template, messages)
+        if rendered is None:
+            silent += 1
+            continue
+        pieces.append(np.asarray(rendered[0], dtype=dtype))
+        masks.append(np.asarray(rendered[1], dtype=np.uint8))
+        lengths.append(len(rendered[0]))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+    return tokens, np.cumsum(lengths, dtype=np.int64), mask, silent
 
+
+def _write_chat_shard(
+    out: str, index: int, conversations: list, job: dict[str, Any], dtype: str
+) -> dict[str, int]:
+    """`_write_shard` for conversations: their tokens, offsets and loss mask per split."""
+    every = job["eval_every"]
+    held_out = [bool(every) and is_eval_document(conversation_key(c), every) for c in conversations]
+    counts = {"index": index, "empty_documents": 0}
+    for split, wanted in (("train", False), ("eval", True)):
+        part = [c for c, h in zip(conversations, held_out, strict=True) if h == wanted]
+        tokens, offsets, mask, silent = _render_chat(part, _worker_tokenizer, dtype)
+        stem = Path(out) / f"shard-{index:05d}.{split}"
+        for ext, array in ((".npy", tokens), (".docs.npy", offsets), (".mask.npy", mask)):
+            write_atomic(stem.with_name(stem.name + ext), lambda p, a=array: _save_npy(p, a))
+        prefix = "" if split == "train" else "eval_"
+        counts.update({f"{prefix}documents": len(offsets) - 1, f"{prefix}tokens": int(len(tokens))})
+        counts["empty_documents"] += silent  # conversations with no reply to train on
+    write_atomic(Path(out) / f"shard-{index:05d}.json", json.dumps(counts) + "\n")
+    return counts
+
+
+def _write_shard(out: str, index: int, texts: list, job: dict[str, Any], dtype: str) -> dict[str, int]:
+    """Tokenize one chunk of documents and write its files, the .json last (in a worker)."""
+    if job["data_format"] == "chat":
+        return _write_chat_shard(out, index, texts, job, dtype)
     every = job["eval_every"]
     empty = sum(not t for t in texts)
     texts = [t for t in texts if t]  # an empty document holds no tokens: nothing to train on
@@ -154,15 +196,20 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def _chunks(job: PrepareJob, done: set[int]) -> Iterator[tuple[int, list[str]]]:
-    """(shard index, its documents) in source order; finished shards are read past, not kept."""
+def _chunks(job: PrepareJob, done: set[int]) -> Iterator[tuple[int, list]]:
+    """(shard index, its documents or conversations) in source order; finished shards are
+    read past, not kept."""
 
     chunk, index = [], 0
-    for n, row in enumerate(open_source(job.source, job.text_column, job.txt_documents)):
+    rows = open_source(job.source, job.text_column, job.txt_documents, job.data_format)
+    for n, row in enumerate(rows):
         index = n // job.shard_documents
         if index in done:
             continue
-        chunk.append(check_text(row["text"], job.source, job.text_column, n))
+        if job.data_format == "chat":
+            chunk.append(conversation(row, job.source))
+        else:
+            chunk.append(check_text(row["text"], job.source, job.text_column, n))
         if len(chunk) == job.shard_documents:
             yield index, chunk
             chunk = []
@@ -214,15 +261,12 @@ def _check_out_dir(out: Path, key: dict[str, Any], overwrite: bool) -> None:
                 )
 
 
-def _done_shards(out: Path) -> dict[int, dict[str, int]]:
+def _done_shards(out: Path, data_format: str) -> dict[int, dict[str, int]]:
     done = {}
+    exts = (".npy", ".docs.npy") + ((".mask.npy",) if data_format == "chat" else ())
     for marker in sorted(out.glob("shard-*.json")):
         counts = json.loads(marker.read_text())
-        if all(
-            (out / f"shard-{counts['index']:05d}.{s}{ext}").is_file()
-            for s in SPLITS
-            for ext in (".npy", ".docs.npy")
-        ):
+        if all((out / f"shard-{counts['index']:05d}.{s}{ext}").is_file() for s in SPLITS for ext in exts):
             done[counts["index"]] = counts
     return done
 
@@ -247,7 +291,10 @@ def prepare(job: PrepareJob, overwrite: bool = False, progress: bool = True) -> 
         raise ValueError(f"tokenizer '{job.tokenizer}' has no EOS token; documents need one as separator")
     identity = tokenizer_identity(tokenizer)
     key = job.key(identity)
-    open_source(job.source, job.text_column, job.txt_documents)  # a bad source fails before OUT_DIR exists
+    if job.data_format not in ("text", "chat"):
+        raise ValueError(f"--format must be text or chat, got '{job.data_format}'")
+    # a bad source fails before OUT_DIR exists
+    open_source(job.source, job.text_column, job.txt_documents, job.data_format)
     lock = _open_out_dir(out)
     try:
         return _prepare_locked(job, out, key, identity, overwrite, progress)
@@ -265,9 +312,13 @@ def _prepare_locked(
     write_atomic(out / PROGRESS, json.dumps(key, indent=2) + "\n")
     for leftover in out.glob(".*.tmp-*"):  # a killed writer's staging file
         leftover.unlink(missing_ok=True)
-    done = _done_shards(out)
+    done = _done_shards(out, job.data_format)
     dtype = token_dtype(identity["size"])
-    args = {"eval_every": job.eval_every, "tokenize_batch": job.tokenize_batch}
+    args = {
+        "eval_every": job.eval_every,
+        "tokenize_batch": job.tokenize_batch,
+        "data_format": job.data_format,
+    }
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc="prepare", smoothing=0.1)
     if done:
         bar.write(f"resuming: {len(done)} shard(s) already written are kept")
@@ -383,7 +434,7 @@ def _npy_length(path: Path) -> int:
     return int(shape[0]) if shape else 0
 
 
-def check_shard_files(folder: Path, shards: list[dict[str, Any]], split: str) -> None:
+def check_shard_files(folder: Path, shards: list[dict[str, Any]], split: str, chat: bool = False) -> None:
     """Every shard file of `split` is whole and holds the tokens and documents the manifest
     says (a shard cut short failed mid-run; a manifest that claimed more tokens trained on
     masked rows with a zero gradient)."""
@@ -397,6 +448,13 @@ def check_shard_files(folder: Path, shards: list[dict[str, Any]], split: str) ->
         except DataError as e:
             raise DataError(f"prepared data in {folder} is damaged: {e}; {fix}") from None
         want_tokens, want_documents = shard[f"{prefix}tokens"], shard[f"{prefix}documents"]
+        if chat:
+            try:
+                masked = _npy_length(stem.with_name(stem.name + ".mask.npy"))
+            except DataError as e:
+                raise DataError(f"prepared data in {folder} is damaged: {e}; {fix}") from None
+            if masked != tokens:
+                raise DataError(f"{stem}.mask.npy holds {masked:,} entries for {tokens:,} tokens; {fix}")
         if tokens != want_tokens or offsets != want_documents + 1:
             raise DataError(
                 f"{stem}.npy holds {tokens:,} tokens and {offsets - 1:,} documents where {MANIFEST} "
@@ -406,12 +464,17 @@ def check_shard_files(folder: Path, shards: list[dict[str, Any]], split: str) ->
 
 class ShardSet:
     """One split of a prepared folder as a single token sequence, memory-mapped: the blocks
-    of `context_length` tokens it cuts into, with the document starts inside each."""
+    of `context_length` tokens it cuts into, with the document starts inside each. Chat
+    data is packed whole instead: each block holds the conversations that fit in it (a
+    longer one cut to the block, or left out, as `long_conversations` says), then padding."""
 
-    def __init__(self, folder: str | Path, split: str, context_length: int) -> None:
+    def __init__(
+        self, folder: str | Path, split: str, context_length: int, long_conversations: str = "truncate"
+    ) -> None:
         self.folder, self.split, self.T = Path(folder).expanduser(), split, context_length
-        self.shards = read_manifest(self.folder)["shards"]
-        check_shard_files(self.folder, self.shards, split)
+        manifest = read_manifest(self.folder)
+        self.shards, self.chat = manifest["shards"], manifest.get("data_format", "text") == "chat"
+        check_shard_files(self.folder, self.shards, split, self.chat)
         sizes = [s["tokens" if split == "train" else "eval_tokens"] for s in self.shards]
         # Each memory map holds a file descriptor, and training draws blocks from all shards at
         # random: reopening maps would cost 10x the throughput (4.6M instead of 50M tokens/s
@@ -423,15 +486,59 @@ class ShardSet:
         self.num_tokens = int(self.shard_starts[-1])
         # train: whole blocks only (the tail is dropped each epoch); eval: the last one padded
         self.num_blocks = self.num_tokens // self.T if split == "train" else -(-self.num_tokens // self.T)
+        if self.chat:
+            self._plan_conversations(long_conversations)
 
-    def _open_shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard s's tokens and document offsets, memory-mapped."""
+    def _open_shard(self, s: int) -> tuple[np.ndarray, ...]:
+        """Shard s's tokens and document offsets (and chat's loss mask), memory-mapped."""
         stem = f"shard-{self.shards[s]['index']:05d}.{self.split}"
         tokens = np.load(self.folder / f"{stem}.npy", mmap_mode="r")
-        return tokens, np.load(self.folder / f"{stem}.docs.npy", mmap_mode="r")
+        offsets = np.load(self.folder / f"{stem}.docs.npy", mmap_mode="r")
+        if not self.chat:
+            return tokens, offsets
+        return tokens, offsets, np.load(self.folder / f"{stem}.mask.npy", mmap_mode="r")
+
+    def _plan_conversations(self, long_conversations: str) -> None:
+        """Which conversations each block holds, in order: as many whole ones as fit. The same
+        plan for the same folder and context, so a block index means the same tokens on resume."""
+        where = []  # (shard, start, length) of each conversation kept
+        self.long = 0
+        for s in range(len(self.shards)):
+            offsets = np.asarray(self.open_shard(s)[1])
+            for start, length in zip(offsets[:-1].tolist(), np.diff(offsets).tolist(), strict=True):
+                if length > self.T:
+                    self.long += 1
+                    if long_conversations == "drop":
+                        continue
+                    length = self.T
+                where.append((s, start, length))
+        self.conversations, self.block_starts, used = where, [], self.T
+        for i, (_, _, length) in enumerate(where):
+            if used + length > self.T:  # a new block
+                self.block_starts.append(i)
+                used = 0
+            used += length
+        self.block_starts.append(len(where))
+        self.num_blocks = len(self.block_starts) - 1
+
+    def _conversation_block(self, b: int) -> dict[str, np.ndarray]:
+        tokens, trained, starts = [], [], []
+        for s, start, length in self.conversations[self.block_starts[b] : self.block_starts[b + 1]]:
+            ids, _, mask = self.open_shard(s)
+            starts.append(sum(len(t) for t in tokens))
+            tokens.append(np.asarray(ids[start : start + length], dtype=np.int64))
+            trained.append(np.asarray(mask[start : start + length], dtype=bool))
+        return {
+            "tokens": np.concatenate(tokens),
+            "starts": np.asarray(starts, dtype=np.int64),
+            "trained": np.concatenate(trained),
+        }
 
     def block(self, b: int) -> dict[str, np.ndarray]:
-        """Tokens [b*T, (b+1)*T) and the offsets inside the block where documents start."""
+        """Tokens [b*T, (b+1)*T) and the offsets inside the block where documents start
+        (chat: the block's conversations, and which of their tokens are trained on)."""
+        if self.chat:
+            return self._conversation_block(b)
         start, end = b * self.T, min((b + 1) * self.T, self.num_tokens)
         pieces, starts = [], []
         s = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
@@ -440,7 +547,7 @@ class ShardSet:
             base = int(self.shard_starts[s])
             lo, hi = at - base, min(end, int(self.shard_starts[s + 1])) - base
             if hi > lo:  # (a shard whose documents were all held out is empty)
-                tokens, offsets = self.open_shard(s)
+                tokens, offsets = self.open_shard(s)[:2]
                 pieces.append(np.asarray(tokens[lo:hi], dtype=np.int64))
                 first, last = np.searchsorted(offsets, [lo, hi], side="left")
                 starts.append(np.asarray(offsets[first:last], dtype=np.int64) - lo + (at - start))

@@ -170,21 +170,21 @@ def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", "") or ""
     if key and key not in msg:  # "Value 'abc' ... could not be converted to Float": whose?
         msg = f"{key}: {msg}"
-    if isinstance(e, ConfigKeyError) and "Did you mean" not in msg:
+    if isinstance(e, ConfigKeyError):
         key = getattr(e, "full_key", "") or ""
         parent = OmegaConf.structured(TrainConfig)
         *path, leaf = key.split(".") if key else [""]
         try:
+            # the key exists in another section (train.lr is optim.lr): that beats a near spelling
+            elsewhere = [
+                f"{name}.{leaf}" for name, sub in parent.items() if hasattr(sub, "keys") and leaf in sub
+            ]
             node = OmegaConf.select(parent, ".".join(path)) if path else parent
             close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
-            if close:
+            if elsewhere:
+                msg = msg.split(" Did you mean")[0] + f" Did you mean '{elsewhere[0]}'?"
+            elif close and "Did you mean" not in msg:
                 msg += f" Did you mean '{'.'.join([*path, close[0]])}'?"
-            else:  # the key exists in another section: train.lr is optim.lr
-                elsewhere = [
-                    f"{name}.{leaf}" for name, sub in parent.items() if hasattr(sub, "keys") and leaf in sub
-                ]
-                if elsewhere:
-                    msg += f" Did you mean '{elsewhere[0]}'?"
         except Exception:
             pass
     return msg
