@@ -296,3 +296,37 @@ def test_the_spike_guard_skips_a_poisoned_window_and_rolls_back(tmp_path):
     assert_clean_error(died, "5 non-finite steps in a row")
     lived, _ = run("nan-guarded", "train.spike_factor=3", "train.spike_window=10", poison="nan", window="6")
     assert "rolled back to step 20" in lived.stderr and "done: step 120" in lived.stdout
+
+
+def test_chat_data_that_cannot_be_trained_on_is_named(tmp_path, smollm2_tokenizer):
+    """data.format=chat on rows with no conversation, and on a role the chat template refuses."""
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"text": "a document, not a chat"}) + "\n")
+    result = smoltrain(
+        *small_run_args(tmp_path, "plain", f"data.source={plain}", "data.format=chat"), check=False
+    )
+    assert_clean_error(result, f"data source '{plain}' has no 'messages' column", "its columns are ['text']")
+    assert "set data.format=text" in result.stderr
+
+    strict = tmp_path / "strict-tokenizer"
+    smollm2_tokenizer.save_pretrained(strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('Unknown role ' + m['role']) }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    (strict / "chat_template.jinja").unlink(missing_ok=True)  # transformers 5 keeps it apart
+    tools = tmp_path / "tools.jsonl"
+    row = {"messages": [{"role": "tool", "content": "42"}, {"role": "assistant", "content": "it is 42"}]}
+    tools.write_text((json.dumps(row) + "\n") * 20)
+    args = small_run_args(
+        tmp_path, "tools", f"data.source={tools}", "data.format=chat", f"tokenizer={strict}"
+    )
+    result = smoltrain(*args, check=False)
+    assert_clean_error(
+        result,
+        f"data source '{tools}'",
+        "refuses a conversation with the roles ['tool', 'assistant']",
+        "Unknown role tool",
+    )

@@ -177,7 +177,10 @@ class TokenStream(IterableDataset):
             messages = conversation({k: v[i] for k, v in rows.items()}, source)
             if not self._keep(conversation_key(messages)):
                 continue
-            rendered = render_conversation(self.tokenizer, template, messages)
+            try:
+                rendered = render_conversation(self.tokenizer, template, messages)
+            except ValueError as e:
+                raise ValueError(f"data source '{source}': {e}") from None
             if rendered is None:
                 _count(st, "no_assistant", "conversations had no assistant turn and were skipped")
                 continue
