@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -107,10 +108,13 @@ def chat_template(tokenizer) -> str:
         template = template.get("default") or next(iter(template.values()))
     if template:
         return template
-    if not getattr(chat_template, "noted", False):
-        log.warning("the tokenizer has no chat template: conversations are rendered in ChatML")
-        chat_template.noted = True
+    _note_chatml()
     return CHAT_TEMPLATE
+
+
+@functools.cache
+def _note_chatml() -> None:  # once per process
+    log.warning("the tokenizer has no chat template: conversations are rendered in ChatML")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = False):

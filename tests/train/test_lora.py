@@ -129,3 +129,26 @@ def test_adapters_keep_the_plain_layers_they_wrap_and_the_estimate_counts_them()
     assert lora.optimizer == lora_parameters(config, 16) * 8 < full.optimizer / 50
     assert lora_parameters(get_preset("smollm2-135m"), 8) == 2_442_240  # what peft made in a 135M run
     assert lora.activations == full.activations and lora.total < full.total - 15e9
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_follows_one_process(tmp_path, base):
+    """Adapters on a model sharded over 2 processes (FSDP2, built on the meta device): the
+    losses of one process, and final/ merged from the gathered adapters."""
+    from tests.train.test_distributed import launch
+
+    args = ["train.global_batch_size=8", "--max-steps", "6"]
+    one = launch(1, *lora_args(tmp_path, "one", base, *args))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(
+        2, *lora_args(tmp_path, "fsdp", base, *args, "train.fsdp=true", "train.lora.save_adapter=true")
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    for step in range(1, 7):
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    merged_one = load_file(tmp_path / "one/final/model.safetensors")
+    merged_two = load_file(tmp_path / "fsdp/final/model.safetensors")
+    for name, weight in merged_one.items():
+        torch.testing.assert_close(merged_two[name], weight, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "fsdp/final-adapter/adapter_model.safetensors").is_file()

@@ -382,8 +382,6 @@ def check_config(cfg: TrainConfig) -> None:
             f"train.lora needs rank >= 0 (0: off), alpha above 0 and dropout in [0, 1); got rank "
             f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}"
         )
-    if lora.rank and cfg.train.fsdp:
-        problems.append("train.lora with train.fsdp is not supported yet; use DDP (train.fsdp=false)")
     if lora.rank and cfg.optim.name == "muon":
         problems.append("train.lora trains with AdamW; set optim.name=adamw")
     if problems:

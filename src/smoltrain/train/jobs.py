@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from smoltrain.atomic import staged_folder
 from smoltrain.device import autocast
 from smoltrain.evaluation.holdout import evaluate, held_out_batches, sample
 from smoltrain.train.checkpoint import (
@@ -20,7 +19,7 @@ from smoltrain.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from smoltrain.train.lora import ADAPTER, has_adapters, merge_adapters, save_adapter
+from smoltrain.train.lora import ADAPTER, has_adapters
 from smoltrain.train.metrics import (
     plot_branches,
     plot_losses,
@@ -260,13 +259,19 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "benchmarks": {k: v for k, v in run.last.items() if "/" in k},  # the latest benchmarks.tasks scores
     }
     if state.step >= run.cfg.schedule.max_steps and state.step >= run.end_step and not interrupted:
-        if has_adapters(run.raw_model):
-            if run.cfg.train.lora.save_adapter and run.accelerator.is_main_process:
-                with staged_folder(out / ADAPTER) as tmp:
-                    save_adapter(run.raw_model, run.cfg.train.lora, tmp, run.cfg.model.init_from)
-                summary["adapter"] = str(out / ADAPTER)
-            merge_adapters(run.raw_model)  # final/ (and the GGUF) is the plain model, adapters merged
-        export_final(run.raw_model, run.accelerator, run.fsdp, out, run.tokenizer, run.cfg.export.gguf)
+        lora = run.cfg.train.lora if has_adapters(run.raw_model) else None
+        export_final(
+            run.raw_model,
+            run.accelerator,
+            run.fsdp,
+            out,
+            run.tokenizer,
+            run.cfg.export.gguf,
+            lora,
+            run.cfg.model.init_from,
+        )
+        if lora is not None and lora.save_adapter:
+            summary["adapter"] = str(out / ADAPTER)
         summary["final"] = str(out / "final")
         if run.cfg.export.gguf:
             summary["final_gguf"] = str(out / "final.gguf")

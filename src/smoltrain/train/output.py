@@ -14,25 +14,42 @@ from smoltrain.train.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
 )
-from smoltrain.train.config import TrainConfig
+from smoltrain.train.config import LoraConfig, TrainConfig
+from smoltrain.train.lora import ADAPTER, add_adapters, merge_adapters, save_adapter
 from smoltrain.train.parallel import (
     full_model_state,
 )
 
 
 def export_final(
-    model: CustomLLM, accelerator, fsdp: bool, out: Path, tokenizer, gguf: str | None = None
+    model: CustomLLM,
+    accelerator,
+    fsdp: bool,
+    out: Path,
+    tokenizer,
+    gguf: str | None = None,
+    lora: LoraConfig | None = None,
+    base: str | None = None,
 ) -> None:
     """final/: a Hugging Face folder, and final.gguf beside it when `gguf` names a dtype.
-    A sharded model is gathered first (every rank joins)."""
+    A sharded model is gathered first (every rank joins). With `lora` (a run that trained
+    adapters) they are merged in, and written as a peft adapter for `base` first when
+    `lora.save_adapter` asks (final-adapter/)."""
     if fsdp:
         state = full_model_state(model)
         if not accelerator.is_main_process:
             return
         model = CustomLLM(model.config)
+        if lora is not None:
+            model = add_adapters(model, lora)
         model.load_state_dict(state)
     elif not accelerator.is_main_process:
         return
+    if lora is not None:
+        if lora.save_adapter:
+            with staged_folder(out / ADAPTER) as tmp:
+                save_adapter(model, lora, tmp, base)
+        model = merge_adapters(model)  # final/ (and the GGUF) is the plain model, adapters merged
     with staged_folder(out / "final") as tmp:  # a kill mid-export leaves no half a folder
         save_model(model, tmp, tokenizer=tokenizer)
     if gguf:

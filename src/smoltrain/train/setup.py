@@ -139,6 +139,10 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
     del whole
     with torch.device("meta"):
         model = CustomLLM(config)
+        if t.lora.rank:
+            from smoltrain.train.lora import add_adapters
+
+            model = add_adapters(model, t.lora)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = prepare_for_training(model, device.type, precision, t.kernels)
