@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.test_train import REPO, metric_rows, smoltrain
+from tests.train.test_train import REPO, losses, metric_rows, small_run_args, smoltrain
 
 LETTERS = "abcdefgh"
 
@@ -93,3 +93,22 @@ def test_a_tiny_model_learns_a_skill_from_chat_data(tmp_path):
     # the sample is the reply in the chat template, stopped at its end of turn
     sample = next(r["sample"] for r in metric_rows(out) if "sample" in r)
     assert sample == "user: reverse: a b c\nassistant: c b a", sample
+
+
+def test_a_chat_run_resumes_bitwise(tmp_path):
+    """The stream's state carries the packed conversations' loss mask across a checkpoint."""
+    rows = tmp_path / "chat.jsonl"
+    with open(rows, "w") as f:
+        for i in range(60):
+            question = f"question {i}" + " more" * (i % 7)
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    args = [f"data.source={rows}", "data.format=chat", "data.context_length=64", "--max-steps", "6"]
+    smoltrain(*small_run_args(tmp_path, "straight", *args, "log.log_every=1"))
+    smoltrain(*small_run_args(tmp_path, "resumed", *args, "log.log_every=1", "--stop-at-step", "3"))
+    smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "resumed/checkpoints/latest"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert [straight[s] for s in range(4, 7)] == [resumed[s] for s in range(4, 7)]
