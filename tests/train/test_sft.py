@@ -106,8 +106,15 @@ def test_a_chat_run_resumes_bitwise(tmp_path):
                 {"role": "assistant", "content": f"answer {i}"},
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
+        silent = [{"role": "user", "content": "hello?"}]  # (in the training split)
+        rambling = [{"role": "user", "content": "talk"}, {"role": "assistant", "content": "la " * 100}]
+        for messages in (silent, rambling):
+            f.write(json.dumps({"messages": messages}) + "\n")
     args = [f"data.source={rows}", "data.format=chat", "data.context_length=64", "--max-steps", "6"]
-    smoltrain(*small_run_args(tmp_path, "straight", *args, "log.log_every=1"))
+    straight = smoltrain(*small_run_args(tmp_path, "straight", *args, "log.log_every=1"))
+    # the summary counts them (the stream read the whole file in its first steps)
+    assert "conversations so far: 1 longer than the context" in straight.stdout
+    assert "1 with no assistant turn (left out)" in straight.stdout
     smoltrain(*small_run_args(tmp_path, "resumed", *args, "log.log_every=1", "--stop-at-step", "3"))
     smoltrain("--phase", "resume", "--checkpoint", str(tmp_path / "resumed/checkpoints/latest"))
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")

@@ -247,6 +247,22 @@ def _count(st: dict[str, Any], key: str, what: str) -> None:
         log.warning("%d %s (this process, so far)", counts[key], what)
 
 
+def conversation_counts(state: Any) -> dict[str, int]:
+    """What a loader's streams counted of the conversations so far (`long`: longer than the
+    context; `no_assistant`: no reply, left out), summed over its workers and sources: found
+    in the loader's state, where each stream keeps them."""
+    totals: dict[str, int] = {}
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "conversations" and isinstance(value, dict):
+                for what, n in value.items():
+                    totals[what] = totals.get(what, 0) + n
+            elif isinstance(value, dict):
+                for what, n in conversation_counts(value).items():
+                    totals[what] = totals.get(what, 0) + n
+    return totals
+
+
 def packed_example(
     tokens: np.ndarray, starts: np.ndarray, T: int, pad: int, trained: np.ndarray | None = None
 ) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from smoltrain.data.stream import conversation_counts
 from smoltrain.device import autocast
 from smoltrain.evaluation.holdout import evaluate, held_out_batches, sample
 from smoltrain.train.checkpoint import (
@@ -258,6 +259,8 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
         "interrupted": interrupted,
         "benchmarks": {k: v for k, v in run.last.items() if "/" in k},  # the latest benchmarks.tasks scores
     }
+    if run.cfg.data.format == "chat":
+        summary["conversations"] = conversation_counts(run.loader.state_dict())
     if state.step >= run.cfg.schedule.max_steps and state.step >= run.end_step and not interrupted:
         lora = run.cfg.train.lora if has_adapters(run.raw_model) else None
         export_final(

@@ -156,6 +156,15 @@ def print_end(summary: dict[str, Any], out: Path, checkpoints: Path) -> None:
             if (found := summary.get("benchmarks"))
             else []
         ),
+        *(
+            [
+                f"  data        conversations so far: {counts.get('long', 0)} longer than the context "
+                f"(cut or left out, data.long_conversations), {counts.get('no_assistant', 0)} with no "
+                "assistant turn (left out)"
+            ]
+            if (counts := summary.get("conversations")) is not None
+            else []
+        ),
         f"  metrics     {out / 'metrics.jsonl'}",
         f"  plot        {out / 'loss.png'}",
         f"  checkpoint  {checkpoints / 'latest'}",
