@@ -13,7 +13,8 @@ import torch
 
 from smoltrain.data.config import DataConfig
 from smoltrain.data.loader import build_loader
-from smoltrain.data.shards import MANIFEST, PrepareJob, ShardSet, prepare
+from smoltrain.data.shard_set import ShardSet
+from smoltrain.data.shards import MANIFEST, PrepareJob, prepare
 from tests.data.test_data import make_docs, write_jsonl
 from tests.train.test_train import losses, small_run_args, smoltrain
 

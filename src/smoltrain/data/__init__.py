@@ -14,7 +14,8 @@ exactly the batches an uninterrupted one would.
     sources.py   documents from the hub, files or builtin:python-docs; the held-out split
     chat.py      conversations -> token ids and the mask of the assistant's tokens, for any template
     stream.py    tokens, shuffle buffer, packing or padding; one stream split between ranks
-    shards.py    `smoltrain prepare`: token shards on disk, read back by memory map
+    shards.py    `smoltrain prepare`: token shards on disk
+    shard_set.py reading them back by memory map, checked
     mixture.py   weighted mixtures and stages over shards and streams, by a seeded plan
     loader.py    the resumable DataLoader a run draws its micro-batches from
 """

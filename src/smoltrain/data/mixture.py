@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from smoltrain.data.config import DataConfig, MixtureEntry
-from smoltrain.data.shards import ShardSet, check_tokenizer, is_prepared, read_manifest
+from smoltrain.data.shard_set import ShardSet, check_tokenizer
+from smoltrain.data.shards import is_prepared, read_manifest
 from smoltrain.data.stream import TokenStream, _open_fn, make_collate, packed_example
 
 log = logging.getLogger(__name__)
