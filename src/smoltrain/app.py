@@ -18,6 +18,7 @@ from smoltrain.tokenizer import (
     check_tokenizer_fits,
     encode_prompt,
     fit_conversation,
+    prompt_budget,
     stop_token_ids,
     tokenizer_for,
 )
@@ -111,7 +112,7 @@ def stream_chat_reply(
     messages += [{"role": m["role"], "content": _text(m["content"])} for m in history]
     messages.append({"role": "user", "content": message})
     context = model.config.max_position_embeddings
-    ids, dropped = fit_conversation(tokenizer, messages, context - min(int(max_new_tokens), context // 2))
+    ids, dropped = fit_conversation(tokenizer, messages, prompt_budget(context, max_new_tokens))
     eos = stop_token_ids(model.config.eos_token_id, tokenizer, chat=True)
     note = f" · the {dropped} oldest message(s) no longer fit the context" if dropped else ""
     for text, stats in stream_ids(
@@ -156,6 +157,40 @@ def stream_ids(model, tokenizer, ids, eos, max_new_tokens, temperature, top_k, t
     yield text, stats
 
 
+def rejected(e: ValueError):
+    """The page's message for a request that cannot be served; the server's log gets one
+    line, not a traceback."""
+    import gradio as gr
+
+    print(f"rejected a request: {e}", file=sys.stderr, flush=True)
+    return gr.Error(str(e), print_exception=False)
+
+
+def undo_last_exchange(history):
+    """The conversation without its last exchange, and that exchange's message, back in the
+    box to edit."""
+    history = list(history or [])
+    while history and history[-1]["role"] != "user":
+        history.pop()
+    message = _text(history.pop()["content"]) if history else ""
+    return history, message
+
+
+def sampling_sliders(limits: Limits) -> list:
+    """The sampling settings' sliders, in an accordion: max new tokens, temperature, top-k,
+    top-p, repetition penalty (the order `stream_reply` takes them in)."""
+    import gradio as gr
+
+    with gr.Accordion("Sampling", open=False):
+        return [
+            gr.Slider(*limits.max_new_tokens, value=128, step=1, label="Max new tokens"),
+            gr.Slider(*limits.temperature, value=0.0, step=0.05, label="Temperature (0: greedy)"),
+            gr.Slider(*limits.top_k, value=50, step=1, label="Top-k (0: off)"),
+            gr.Slider(*limits.top_p, value=1.0, step=0.01, label="Top-p"),
+            gr.Slider(*limits.repetition_penalty, value=1.1, step=0.01, label="Repetition penalty"),
+        ]
+
+
 def build_app(
     model_spec: str = "smollm2", tokenizer_spec: str | None = None, device: str = "cpu", compile: bool = False
 ):
@@ -165,11 +200,6 @@ def build_app(
     limits = Limits()
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     name = Path(str(model_spec)).name if model_spec != "smollm2" else "SmolLM2-135M-Instruct (bundled)"
-
-    def rejected(e: ValueError):
-        # the page shows the message; the server's log gets one line, not a traceback
-        print(f"rejected a request: {e}", file=sys.stderr, flush=True)
-        return gr.Error(str(e), print_exception=False)
 
     def respond(prompt, mode, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
         try:
@@ -211,14 +241,6 @@ def build_app(
         except ValueError as e:
             raise rejected(e) from None
 
-    def undo(history):
-        """The last exchange taken back; its message returns to the box to edit."""
-        history = list(history or [])
-        while history and history[-1]["role"] != "user":
-            history.pop()
-        message = _text(history.pop()["content"]) if history else ""
-        return history, message
-
     with gr.Blocks(title=f"smoltrain · {name}") as demo:
         context = model.config.max_position_embeddings
         gr.Markdown(
@@ -252,17 +274,7 @@ def build_app(
                     stop = gr.Button("Stop", elem_id="stop")
                 output = gr.Textbox(label="Output", lines=10, elem_id="output", interactive=False)
                 stats = gr.Markdown(elem_id="stats")
-        with gr.Accordion("Sampling", open=False):
-            max_new_tokens = gr.Slider(*limits.max_new_tokens, value=128, step=1, label="Max new tokens")
-            temperature = gr.Slider(
-                *limits.temperature, value=0.0, step=0.05, label="Temperature (0: greedy)"
-            )
-            top_k = gr.Slider(*limits.top_k, value=50, step=1, label="Top-k (0: off)")
-            top_p = gr.Slider(*limits.top_p, value=1.0, step=0.01, label="Top-p")
-            repetition_penalty = gr.Slider(
-                *limits.repetition_penalty, value=1.1, step=0.01, label="Repetition penalty"
-            )
-        sampling = [max_new_tokens, temperature, top_k, top_p, repetition_penalty]
+        sampling = sampling_sliders(limits)
         inputs = [prompt, mode, *sampling]
         event = run.click(respond, inputs=inputs, outputs=[output, stats], api_name="generate")
         submitted = prompt.submit(respond, inputs=inputs, outputs=[output, stats], api_name=False)
@@ -272,7 +284,9 @@ def build_app(
         sent = send.click(chat, inputs=chat_inputs, outputs=chat_outputs, api_name="chat")
         entered = message.submit(chat, inputs=chat_inputs, outputs=chat_outputs, api_name=False)
         chat_stop.click(None, cancels=[sent, entered])
-        undo_button.click(undo, inputs=[conversation], outputs=[conversation, message], api_name=False)
+        undo_button.click(
+            undo_last_exchange, inputs=[conversation], outputs=[conversation, message], api_name=False
+        )
         clear.click(lambda: ([], ""), outputs=[conversation, chat_stats], api_name=False)
     # The queue serves requests in order and streams their updates; two at a time share the CPU.
     demo.queue(default_concurrency_limit=2, max_size=64)
