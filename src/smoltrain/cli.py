@@ -106,7 +106,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
     from smoltrain.formats.model_io import load_model
     from smoltrain.generate import prepare_for_generation, stream_text
-    from smoltrain.tokenizer import check_tokenizer_fits, fit_conversation, stop_token_ids, tokenizer_for
+    from smoltrain.tokenizer import (
+        check_tokenizer_fits,
+        fit_conversation,
+        prompt_budget,
+        stop_token_ids,
+        tokenizer_for,
+    )
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -138,7 +144,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": text})
         try:
             ids, dropped = fit_conversation(
-                tokenizer, system + history, context - min(args.max_new_tokens, context // 2)
+                tokenizer, system + history, prompt_budget(context, args.max_new_tokens)
             )
         except ValueError as e:
             history.pop()

@@ -42,16 +42,23 @@ def add_generate(sub) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
-    g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
-    g.add_argument("--device", default="auto")
+    add_decoding_flags(g, max_new_tokens=128, temperature=1.0, top_k=None, repetition_penalty=1.0)
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
+
+def add_decoding_flags(
+    p, max_new_tokens: int, temperature: float, top_k: int | None, repetition_penalty: float, greedy_help=None
+) -> None:
+    """The flags `generate` and `chat` share: how much and how to sample, the seed, dtype, device."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="the most new tokens")
+    p.add_argument("--temperature", type=float, default=temperature, help=greedy_help)
+    p.add_argument("--top-k", type=int, default=top_k)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
+    p.add_argument("--device", default="auto")
 
 
 def add_chat(sub) -> None:
@@ -67,14 +74,9 @@ def add_chat(sub) -> None:
     )
     c.add_argument("--tokenizer", default=None, help="default: the model's own, else smollm2")
     c.add_argument("--system", default=None, help="a system prompt (default: the template's own, if any)")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
-    c.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    c.add_argument("--top-k", type=int, default=50)
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--repetition-penalty", type=float, default=1.1)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA (fp16 without it), else float32")
-    c.add_argument("--device", default="auto")
+    add_decoding_flags(
+        c, max_new_tokens=256, temperature=0.7, top_k=50, repetition_penalty=1.1, greedy_help="0: greedy"
+    )
 
 
 def add_convert(sub) -> None:

@@ -133,6 +133,12 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]]):
     return ids if not hasattr(ids, "keys") else ids["input_ids"]  # a tensor or a BatchEncoding
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """The tokens a conversation may take before a reply: the context less the reply's room,
+    which is at most half of it (a long reply limit must not starve the history)."""
+    return context - min(int(max_new_tokens), context // 2)
+
+
 def fit_conversation(tokenizer, messages: list[dict[str, str]], max_tokens: int):
     """Token ids (1, T) of the conversation's latest part that fits in `max_tokens`: its
     oldest exchanges left out first (a system message stays), and how many messages were
