@@ -91,3 +91,20 @@ def test_the_layer_test_sees_imports_inside_functions(tmp_path):
     )
     assert imports(path) == {"smoltrain.cli", "smoltrain.generate"}
     assert layer_of("smoltrain.cli") > layer_of("smoltrain.train.setup") > layer_of("smoltrain.model.kernels")
+
+
+def test_the_house_stays_walkable():
+    """STYLE.md's limits: no module over 500 lines, no function over 100, a README of <= 150."""
+    too_long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        source = path.read_text()
+        if (lines := len(source.splitlines())) > 500:
+            too_long.append(f"{module_name(path)}: {lines} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if (length := node.end_lineno - node.lineno + 1) > 100:
+                    too_long.append(f"{module_name(path)}.{node.name}: {length} lines")
+    readme = ROOT.parents[1] / "README.md"
+    if readme.exists() and (lines := len(readme.read_text().splitlines())) > 150:
+        too_long.append(f"README.md: {lines} lines")
+    assert not too_long, "\n".join(too_long)
