@@ -202,3 +202,41 @@ def write_tasks(folder: Path, copies: int = 1) -> Path:
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return folder
+
+
+# rows shaped like google/IFEval's (key, prompt, instruction_id_list, kwargs: one dict per
+# instruction, the keys it does not use null), one per kind of checker: case, punctuation,
+# sentence count (nltk's punkt_tab), language (langdetect), word count
+IFEVAL = [
+    ("Write one sentence about the sea. Your entire response should be in English, and in all "
+     "lowercase letters.", "change_case:english_lowercase", {}),
+    ("What is the capital of France? Do not use any commas in your response.", "punctuation:no_comma", {}),
+    ("Describe a cat in fewer than 3 sentences.", "length_constraints:number_sentences",
+     {"relation": "less than", "num_sentences": 3}),
+    ("Name a fruit and say why you like it. Answer in English.", "language:response_language",
+     {"language": "en"}),
+    ("Tell me about dogs in fewer than 40 words.", "length_constraints:number_words",
+     {"relation": "less than", "num_words": 40}),
+]  # fmt: skip
+
+
+def write_ifeval(folder: Path, max_gen_toks: int = 24) -> Path:
+    """ifeval_local in `folder`: lm-eval's IFEval (its checkers and metrics) on IFEVAL's rows,
+    replies cut at `max_gen_toks`; and a stand-in for nltk's punkt_tab data (Punkt's
+    parameters as files, untrained but for two abbreviations) under folder/nltk_data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = ("relation", "num_sentences", "num_words", "language", "keywords")
+    rows = [
+        {"key": i, "prompt": p, "instruction_id_list": [inst], "kwargs": [{k: args.get(k) for k in keys}]}
+        for i, (p, inst, args) in enumerate(IFEVAL)
+    ]
+    data = write_jsonl(folder / "ifeval.jsonl", rows)
+    local_task(folder, "ifeval_local", "ifeval/ifeval.yaml", data, splits=("train",))
+    with (folder / "ifeval_local.yaml").open("a") as f:
+        f.write(f"generation_kwargs:\n  until: []\n  do_sample: false\n  max_gen_toks: {max_gen_toks}\n")
+    punkt = folder / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    punkt.mkdir(parents=True, exist_ok=True)
+    for name, text in [("abbrev_types.txt", "dr\nmr\n"), ("sent_starters.txt", ""),
+                       ("collocations.tab", ""), ("ortho_context.tab", "")]:  # fmt: skip
+        (punkt / name).write_text(text)
+    return folder

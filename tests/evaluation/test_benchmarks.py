@@ -16,7 +16,7 @@ from smoltrain.evaluation.benchmarks import (
     scores,
     task_manager,
 )
-from tests.lm_eval_tasks import write_tasks
+from tests.lm_eval_tasks import IFEVAL, write_ifeval, write_tasks
 from tests.train.test_train import losses, metric_rows, small_run_args, smoltrain
 
 MULTIPLE_CHOICE = ["arc_easy_local", "hellaswag_local", "piqa_local"]
@@ -143,6 +143,42 @@ def test_eval_errors_name_the_problem(tmp_path, tasks_dir):
         offline.returncode == 1 and offline.stderr.startswith("error: ") and "Traceback" not in offline.stderr
     )
     assert "allenai/ai2_arc" in offline.stderr and "--include-path" in offline.stderr
+
+
+def test_ifeval_offline_from_an_include_path_in_the_chat_template(hf_folder, tmp_path):
+    """IFEval as chat models are scored: lm-eval's checkers on a local copy of its rows, each
+    prompt rendered in the model's template after a system message, replies ended at the
+    template's end of turn; nltk's punkt_tab from NLTK_DATA, nothing downloaded."""
+    tasks = write_ifeval(tmp_path / "tasks")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "ifeval.json"
+    run = eval_cli(
+        "--model", str(hf_folder), "--tasks", "ifeval_local", "--include-path", str(tasks),
+        "--apply-chat-template", "--system-instruction", "Answer briefly.", "--log-samples",
+        "--output", str(out), env={**offline, "NLTK_DATA": str(tasks / "nltk_data")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    row = results["results"]["ifeval_local"]
+    for level in ("prompt", "inst"):
+        strict, loose = row[f"{level}_level_strict_acc,none"], row[f"{level}_level_loose_acc,none"]
+        assert 0 <= strict <= loose <= 1
+    samples = results["samples"]["ifeval_local"]
+    assert len(samples) == len(IFEVAL) and all(len(s["metrics"]) == 4 for s in samples)
+    for sample in samples:
+        (prompt, _), reply = sample["arguments"][0], sample["resps"][0][0]
+        assert prompt.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n")
+        assert prompt.endswith("<|im_start|>assistant\n") and "<|im_end|>" not in reply
+        if "commas" in prompt:  # the checker saw our reply
+            assert sample["prompt_level_strict_acc"] == ("," not in reply)
+    # without punkt_tab (and offline, so not fetched): named before the model loads
+    missing = eval_cli(
+        "--model", str(hf_folder), "--tasks", "ifeval_local", "--include-path", str(tasks),
+        env={**offline, "NLTK_DATA": str(tmp_path / "empty")},
+    )  # fmt: skip
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ")
+    assert "Traceback" not in missing.stderr
+    assert "punkt_tab" in missing.stderr and "NLTK_DATA" in missing.stderr
 
 
 def benchmark_args(tmp_path, out, tasks_dir, *extra):

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from smoltrain.errors import MissingExtra, TrainingError
+from smoltrain.errors import DataError, MissingExtra, TrainingError
 from smoltrain.tokenizer import chat_template as template_of
+from smoltrain.tokenizer import stop_token_ids
 
 # SmolLM2's zero-shot suite (its model card): lm-eval's names for each benchmark
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -68,6 +69,7 @@ class SmolLM(TemplateLM):
         self.model, self.tokenizer = model, tokenizer
         self._amp = amp or contextlib.nullcontext
         self._batch_size, self._max_gen_toks = batch_size, max_gen_toks
+        self._chat = False  # set once lm-eval renders a prompt in the chat template
         dist = torch.distributed
         self._dist = dist.is_available() and dist.is_initialized()
         self._rank = dist.get_rank() if self._dist else 0
@@ -122,6 +124,7 @@ class SmolLM(TemplateLM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
+        self._chat = True  # replies then end at the template's end of turn too
         return self.tokenizer.apply_chat_template(
             chat_history,
             chat_template=template_of(self.tokenizer),
@@ -246,6 +249,7 @@ class SmolLM(TemplateLM):
                 "them after training with smoltrain eval on final/ or a checkpoint"
             )
         out = [""] * len(requests)
+        stops = stop_token_ids(self.eot_token_id, self.tokenizer, chat=self._chat)
         order = sorted(range(len(requests)), key=lambda i: -len(self.tok_encode(requests[i].args[0])))
         for b in range(0, len(order), self._batch_size):
             batch = order[b : b + self._batch_size]
@@ -266,13 +270,12 @@ class SmolLM(TemplateLM):
                     ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     max_new_tokens=max_new,
-                    eos_token_id=self.eot_token_id,
+                    eos_token_id=stops,
                     pad_token_id=self.eot_token_id,
                 )[:, width:].tolist()
             for row, i in enumerate(batch):
                 new = [t for t in tokens[row][: kwargs[row].get("max_gen_toks", self._max_gen_toks)]]
-                if self.eot_token_id in new:
-                    new = new[: new.index(self.eot_token_id)]
+                new = new[: next((at for at, t in enumerate(new) if t in stops), len(new))]
                 text = self.tok_decode(new)
                 until = kwargs[row].get("until") or []
                 for stop in [until] if isinstance(until, str) else until:
@@ -324,7 +327,55 @@ def check_tasks(tasks: list[str], include_path: str | None) -> list[str]:
         )
     if include_path and not Path(include_path).is_dir():
         raise ValueError(f"include path '{include_path}' is not a folder of lm-eval task YAMLs")
-    return expand_tasks(tasks, task_manager(include_path))
+    manager = task_manager(include_path)
+    names = expand_tasks(tasks, manager)
+    if ifeval := [t for t in names if _scored_like_ifeval(manager, t)]:
+        require_ifeval_data(ifeval)
+    return names
+
+
+def _scored_like_ifeval(manager, task: str) -> bool:
+    """lm-eval's IFEval, or a local copy that includes it: scored by its instruction checkers."""
+    entry = manager.task_index.get(task)
+    return "ifeval" in str(((entry.cfg if entry is not None else None) or {}).get("process_results", ""))
+
+
+def require_ifeval_data(tasks: list[str]) -> None:
+    """IFEval's checkers need langdetect, immutabledict and nltk, and nltk's `punkt_tab`
+    sentence splitter, which lm-eval would download at import: checked here, before any
+    work, and fetched only when online (HF_HUB_OFFLINE unset)."""
+    import importlib.util
+    import os
+    import socket
+
+    if missing := [m for m in ("langdetect", "immutabledict", "nltk") if not importlib.util.find_spec(m)]:
+        raise MissingExtra(
+            f"{', '.join(tasks)} need(s) {', '.join(missing)} (IFEval's instruction checkers), "
+            "which are not installed; pip install 'smoltrain[eval]' (or 'lm-eval[ifeval]')"
+        )
+    import nltk
+
+    def found() -> bool:
+        try:
+            nltk.data.find("tokenizers/punkt_tab/english/")
+            return True
+        except LookupError:
+            return False
+
+    if not found() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # an unreachable server fails in seconds, not minutes
+        try:
+            nltk.download("punkt_tab", quiet=True, raise_on_error=False)
+        finally:
+            socket.setdefaulttimeout(timeout)
+    if not found():
+        raise DataError(
+            f"{', '.join(tasks)} count(s) sentences with nltk's punkt_tab data, which is not on this "
+            f"machine (searched: {', '.join(nltk.data.path[:3])} ...) and could not be downloaded; "
+            "on a machine with network run `python -m nltk.downloader -d DIR punkt_tab`, copy DIR "
+            "here and set NLTK_DATA=DIR"
+        )
 
 
 def _unreachable(error: Exception) -> bool:
