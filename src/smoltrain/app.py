@@ -38,10 +38,14 @@ class Limits:
 
 
 def load_for_serving(
-    model_spec: str, tokenizer_spec: str | None = None, device: str = "cpu", compile: bool = False
+    model_spec: str,
+    tokenizer_spec: str | None = None,
+    device: str = "cpu",
+    compile: bool = False,
+    quantize: str | None = None,
 ):
     weights = load_model(model_spec, dtype=inference_dtype(str(device).split(":")[0]), device=device)
-    model = prepare_for_generation(weights, compile=compile)
+    model = prepare_for_generation(weights, compile=compile, quantize=quantize)
     tokenizer = tokenizer_for(model_spec, tokenizer_spec)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     return model, tokenizer
@@ -192,11 +196,15 @@ def sampling_sliders(limits: Limits) -> list:
 
 
 def build_app(
-    model_spec: str = "smollm2", tokenizer_spec: str | None = None, device: str = "cpu", compile: bool = False
+    model_spec: str = "smollm2",
+    tokenizer_spec: str | None = None,
+    device: str = "cpu",
+    compile: bool = False,
+    quantize: str | None = None,
 ):
     import gradio as gr
 
-    model, tokenizer = load_for_serving(model_spec, tokenizer_spec, device, compile)
+    model, tokenizer = load_for_serving(model_spec, tokenizer_spec, device, compile, quantize)
     limits = Limits()
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     name = Path(str(model_spec)).name if model_spec != "smollm2" else "SmolLM2-135M-Instruct (bundled)"
@@ -204,17 +212,9 @@ def build_app(
     def respond(prompt, mode, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
         try:
             yield from stream_reply(
-                model,
-                tokenizer,
-                prompt,
-                mode,
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                repetition_penalty,
-                limits,
-            )
+                model, tokenizer, prompt, mode, max_new_tokens, temperature, top_k, top_p,
+                repetition_penalty, limits,
+            )  # fmt: skip
         except ValueError as e:
             raise rejected(e) from None
 

@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_generate_args(args)
     device = pick_device(args.device)
     model = load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
-    model = prepare_for_generation(model, compile=args.compile)
+    model = prepare_for_generation(model, compile=args.compile, quantize=args.quantize)
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
@@ -117,7 +117,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     device = pick_device(args.device)
-    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype, device), device=device))
+    model = load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
+    model = prepare_for_generation(model, quantize=args.quantize)
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     stops = stop_token_ids(model.config.eos_token_id, tokenizer, chat=True)
@@ -334,7 +335,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lm_eval.utils import make_table
 
     device = pick_device(args.device)
-    model = prepare_for_generation(load_model(args.model, dtype=_dtype(args.dtype, device), device=device))
+    model = load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
+    model = prepare_for_generation(model, quantize=args.quantize)
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     check_tokenizer_fits(model.config.vocab_size, tokenizer)
     lm = SmolLM(model, tokenizer, batch_size=args.batch_size)
@@ -375,7 +377,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from smoltrain.device import pick_device
 
     check_port_free(args.host, args.port)
-    demo = build_app(args.model, args.tokenizer, device=pick_device(args.device), compile=args.compile)
+    demo = build_app(
+        args.model,
+        args.tokenizer,
+        device=pick_device(args.device),
+        compile=args.compile,
+        quantize=args.quantize,
+    )
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
 
 

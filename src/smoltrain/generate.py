@@ -19,6 +19,7 @@ from smoltrain.model.kernels.decode import (
     onednn_linear_works,
     pack,
 )
+from smoltrain.model.kernels.quantized import QUANTIZE_KINDS, QUANTIZED_LINEARS, quantizable
 from smoltrain.model.model import CustomLLM, KVCache
 
 
@@ -44,7 +45,7 @@ def decode_step(
     return out.logits[:, -1]
 
 
-def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM:
+def prepare_for_generation(model: CustomLLM, compile: bool = False, quantize: str | None = None) -> CustomLLM:
     """Turn a model into an inference-only one, in place (a `PackedLLM`, see
     `smoltrain.model.kernels.decode`): eval mode, no gradients, q/k/v and gate/up each merged into
     one matmul, and
@@ -56,13 +57,23 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM
       `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`): at
       batch 1 on CPU another 2x, at the price of compiling (20-40 s, once per batch size
       and cache size); at batch 8 the default is faster.
-    Greedy tokens are those of the plain model. The model cannot be trained or saved
-    afterwards (saving it says so); load it again for that."""
+    - with `quantize` ("int8" or "int4", CPU only), every linear, the tied head included,
+      replaced by a weight-only quantized one (`smoltrain.model.kernels.quantized`).
+    Greedy tokens are those of the plain model (quantized: within the rounding). The model
+    cannot be trained or saved afterwards (saving it says so); load it again for that."""
     model.eval().requires_grad_(False)
     if isinstance(model, PackedLLM):
         if compile and model.decode_step is None:
             raise ValueError("this model was prepared without compile=True; load it again to compile it")
+        if quantize is not None and quantize != model.quantized:
+            raise ValueError(
+                f"this model was prepared with quantize={model.quantized}; load it again to change it"
+            )
         return model
+    if quantize is not None:
+        check_quantize(model, quantize)
+        step = torch.compile(decode_step, fullgraph=True, dynamic=False) if compile else None
+        return pack(model, QUANTIZED_LINEARS[quantize].from_weight, step, quantized=quantize)
     if compile:
         if model.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compile=True runs on CPU or CUDA, not {model.device.type}; leave it off there")
@@ -74,6 +85,19 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False) -> CustomLLM
     if on_cpu and onednn_linear_works(model.dtype) and onednn_linear_pays(layer_weights(model)):
         return pack(model, OneDNNLinear)
     return model
+
+
+def check_quantize(model: CustomLLM, quantize: str) -> None:
+    """A quantization this model can take here: a known kind, on CPU, weights whose widths fit."""
+    if quantize not in QUANTIZE_KINDS:
+        raise ValueError(f"quantize '{quantize}' is unknown; choose {' or '.join(QUANTIZE_KINDS)}")
+    if model.device.type != "cpu":
+        raise ValueError(
+            f"quantize={quantize} runs PyTorch's CPU kernels; on {model.device.type} leave it off "
+            "(bf16 there is fast), or load the model on the CPU (--device cpu)"
+        )
+    if reason := quantizable(model.layers[0].mlp.down_proj.weight, quantize):
+        raise ValueError(f"cannot quantize this model: {reason}")
 
 
 def decode_compile_mode(device_type: str) -> dict[str, str]:

@@ -18,9 +18,9 @@ from smoltrain.model.model import CustomLLM
 
 # --dtype: the type of the 2-D weights; 1-D norms stay float32 in every file (as llama.cpp's own
 # converter writes them: they are tiny and their precision matters).
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 _ALIASES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "bfloat16": "bf16"}
-Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values (one f16 scale each)
+Q8_BLOCK = 32  # q8_0 and q4_* quantize rows in blocks of 32 values (f16 scales, q4_1 a minimum too)
 
 # llama.cpp's pre-tokenizer names for the HF pre-tokenizers it implements (llama-vocab.cpp):
 # plain GPT-2 byte-level splitting, and SmolLM2's, which splits off every digit first.
@@ -29,12 +29,12 @@ _DIGITS = {"type": "Digits", "individual_digits": True}
 
 
 def gguf_dtype(name: str) -> str:
-    """The GGUF weight type a user asked for (f32, f16, bf16, q8_0; torch's names too)."""
+    """The GGUF weight type a user asked for (f32, f16, bf16, q8_0, q4_0, q4_1; torch's names too)."""
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in GGUF_DTYPES:
         raise ValueError(
             f"unknown GGUF dtype '{name}'; use one of {', '.join(GGUF_DTYPES)} "
-            "(q8_0: 8-bit, about a quarter of f32's size)"
+            "(q8_0: 8-bit, about a quarter of f32's size; q4_0/q4_1: 4-bit, about an eighth)"
         )
     return key
 
@@ -153,11 +153,12 @@ def _gguf_tensor(tensor: torch.Tensor, dtype: str):
     kind = gguf.GGMLQuantizationType
     if array.ndim == 1 or dtype == "f32":
         return array, kind.F32
-    if dtype == "q8_0" and array.shape[-1] % Q8_BLOCK == 0:
-        return gguf.quants.quantize(array, kind.Q8_0), kind.Q8_0
+    if dtype in ("q8_0", "q4_0", "q4_1") and array.shape[-1] % Q8_BLOCK == 0:
+        block_kind = kind[dtype.upper()]
+        return gguf.quants.quantize(array, block_kind), block_kind
     if dtype == "bf16":
         return gguf.quants.quantize(array, kind.BF16), kind.BF16
-    return array.astype(np.float16), kind.F16  # f16, and q8_0 rows that are not whole blocks
+    return array.astype(np.float16), kind.F16  # f16, and quantized rows that are not whole blocks
 
 
 def write_gguf(
@@ -177,13 +178,15 @@ def write_gguf(
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     }
 
     def write(target: Path) -> None:
         writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_name(name or "smoltrain model")
         writer.add_file_type(file_types[dtype])
-        if dtype in ("q8_0", "bf16"):
+        if dtype != "f32" and dtype != "f16":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_vocab_size(config.vocab_size)
         writer.add_context_length(config.max_position_embeddings)

@@ -114,6 +114,7 @@ class LogConfig:
     sample_tokens: int = 40  # new tokens per monitoring sample
     sample_temperature: float = 0.8  # 0: greedy; sampling (seeded) reads better from small models
     sample_top_k: int = 50  # sampling: only the k likeliest tokens
+    sample_quantize: str = "off"  # off | int8 | int4: samples from a quantized copy (CPU runs; faster)
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and at the end or a signal)
     keep_checkpoints: int = 3  # older step-N folders are removed
     trackers: list[str] = field(default_factory=list)  # any of: wandb, tensorboard
@@ -138,7 +139,7 @@ class BenchmarkConfig:
 
 @dataclass
 class ExportConfig:
-    gguf: str | None = None  # f32 | f16 | bf16 | q8_0: also write final.gguf (llama.cpp) beside final/
+    gguf: str | None = None  # f32 | f16 | bf16 | q8_0 | q4_0 | q4_1: also write final.gguf beside final/
 
 
 @dataclass
@@ -295,6 +296,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.kind": ("linear", "cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cuda", "mps", "cpu"),
+    "log.sample_quantize": ("off", "int8", "int4"),
 }
 AT_LEAST_ONE = (
     "train.micro_batch_size",

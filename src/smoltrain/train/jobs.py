@@ -3,6 +3,7 @@ the time budget, checkpoints; and the end of a run."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -14,13 +15,15 @@ import torch
 from smoltrain.data.stream import conversation_counts
 from smoltrain.device import autocast
 from smoltrain.evaluation.holdout import evaluate, held_out_batches, sample
+from smoltrain.generate import prepare_for_generation
+from smoltrain.model import CustomLLM
 from smoltrain.train.checkpoint import (
     checkpoint_root,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from smoltrain.train.lora import ADAPTER, has_adapters
+from smoltrain.train.lora import ADAPTER, has_adapters, merge_adapters
 from smoltrain.train.metrics import (
     plot_branches,
     plot_losses,
@@ -120,8 +123,11 @@ def sample_and_log(run: Run) -> None:
     is_main, log = run.accelerator.is_main_process, run.cfg.log
     text = ""
     if run.fsdp or is_main:
+        model = run.raw_model
+        if log.sample_quantize != "off":  # a quantized copy, as `smoltrain generate --quantize` decodes
+            model = quantized_copy(model, log.sample_quantize)
         text = sample(
-            run.raw_model,
+            model,
             run.tokenizer,
             log.sample_prompt,
             log.sample_tokens,
@@ -133,6 +139,19 @@ def sample_and_log(run: Run) -> None:
     run.metrics.write(run.state.step, sample=text)
     if is_main:
         run.bar.write(f"step {run.state.step} sample: {text!r}")
+
+
+def quantized_copy(model: CustomLLM, kind: str) -> CustomLLM:
+    """The training model's weights (adapters merged) in a plain model prepared for generation
+    with `kind` quantization; the training model is untouched."""
+    trained = copy.deepcopy(model)
+    if has_adapters(trained):
+        trained = merge_adapters(trained)
+    with torch.device("meta"):
+        plain = CustomLLM(trained.config)
+    plain.to_empty(device="cpu").load_state_dict(trained.state_dict())
+    plain.rotary_emb.reset_parameters()  # buffers, not in the state dict
+    return prepare_for_generation(plain, quantize=kind)
 
 
 # schedule.max_minutes: the steps timed before the schedule's length is fixed (the first,

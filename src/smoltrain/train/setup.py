@@ -260,6 +260,14 @@ def warn_if_slow_here(cfg: TrainConfig, precision_warning: str | None, device_ty
             )
 
 
+def check_sample_quantize(kind: str, device_type: str, fsdp: bool) -> None:
+    if kind != "off" and (device_type != "cpu" or fsdp):
+        raise TrainingError(
+            f"log.sample_quantize={kind} decodes samples with PyTorch's CPU kernels; this run is on "
+            f"{device_type}{' with FSDP' if fsdp else ''}: leave it off (log.sample_quantize=off)"
+        )
+
+
 def build_model_and_optimizers(cfg: TrainConfig, tokenizer, accelerator, precision: str, fsdp: bool):
     """The model with its kernels, wrapped (DDP) or sharded (FSDP2), and its optimizers;
     then refused now if a step cannot fit in memory or llama.cpp cannot represent it (an
@@ -388,6 +396,7 @@ def setup_run(
     tokenizer = load_tokenizer(cfg.tokenizer)
     accum = grad_accum_steps(cfg, world)
     fsdp = t.fsdp and world > 1
+    check_sample_quantize(cfg.log.sample_quantize, device.type, fsdp)
     # data errors need no model: said before one is built or loaded (seconds for SmolLM2)
     check_data_and_tasks(cfg, tokenizer, accelerator, t.micro_batch_size * accum * world)
     model, optimizers = build_model_and_optimizers(cfg, tokenizer, accelerator, precision, fsdp)

@@ -170,14 +170,15 @@ class PackedLLM(CustomLLM):
     `smoltrain.generate.decode_step` that generation runs after the prompt."""
 
     decode_step: Callable | None
+    quantized: str | None  # "int8" or "int4" when the linears are quantized
 
-    def pack(self, make_linear: MakeLinear, decode_step: Callable | None) -> None:
+    def pack(self, make_linear: MakeLinear, decode_step: Callable | None, quantized: str | None) -> None:
         for layer in self.layers:
             swap_class(layer.self_attn, PackedAttention).pack(make_linear)
             swap_class(layer.mlp, PackedMLP).pack(make_linear)
         with torch.no_grad():
             self.lm_head = make_linear(self.lm_head.weight)
-        self.decode_step = decode_step
+        self.decode_step, self.quantized = decode_step, quantized
         self.decode_caches: dict[tuple[int, int], KVCache] = {}
 
     def decode_cache(self, batch_size: int, capacity: int, static: bool = False) -> KVCache:
@@ -207,9 +208,14 @@ class PackedLLM(CustomLLM):
         return super().forward(input_ids, *args, **kwargs)
 
 
-def pack(model: CustomLLM, make_linear: MakeLinear, decode_step: Callable | None = None) -> PackedLLM:
+def pack(
+    model: CustomLLM,
+    make_linear: MakeLinear,
+    decode_step: Callable | None = None,
+    quantized: str | None = None,
+) -> PackedLLM:
     """Turn `model` into a `PackedLLM` in place: every linear replaced by `make_linear(weight)`,
     q/k/v and gate/up each merged into one (fewer, larger weight reads)."""
     packed = swap_class(model, PackedLLM)
-    packed.pack(make_linear, decode_step)
+    packed.pack(make_linear, decode_step, quantized)
     return packed
