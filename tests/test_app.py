@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
@@ -23,25 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextmanager
+def serving(*flags: str):
+    """`smoltrain serve` of the bundled model on a free port: (its url, its output so far)."""
     port = free_port()
+    command = [sys.executable, "-m", "smoltrain", "serve", "--model", "smollm2", "--port", str(port)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "smoltrain",
-            "serve",
-            "--model",
-            "smollm2",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        [*command, "--device", "cpu", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
@@ -56,9 +45,17 @@ def server():
     log: list[str] = []  # the server's output, read as it comes (a full pipe would stall it)
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    yield url, log
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving() as served:
+        yield served
 
 
 def expected(smollm2, tokenizer, prompt: str, mode: str, **settings) -> str:
@@ -182,6 +179,22 @@ def test_four_concurrent_requests_all_answered(server, smollm2, smollm2_tokenize
     for prompt, (text, stats) in zip(prompts, answers, strict=True):
         assert text == expected(smollm2, smollm2_tokenizer, prompt, CONTINUE, **GREEDY)
         assert "tokens/s" in stats
+
+
+def test_serve_quantized_answers_as_the_quantized_model(smollm2_tokenizer):
+    from gradio_client import Client
+
+    from smoltrain.formats.model_io import load_model
+    from smoltrain.generate import prepare_for_generation
+
+    quantized = prepare_for_generation(load_model("smollm2"), quantize="int4")
+    with serving("--quantize", "int4") as (url, _):
+        args = [GREEDY[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")]
+        client = Client(url, verbose=False)
+        text, stats = client.predict("The ocean is", CONTINUE, *args, api_name="/generate")
+    quantized_pair = (quantized, None)
+    assert text == expected(quantized_pair, smollm2_tokenizer, "The ocean is", CONTINUE, **GREEDY)
+    assert "tokens/s" in stats
 
 
 def test_bad_requests_get_messages(server):

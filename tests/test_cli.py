@@ -16,8 +16,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("flags", [[], ["--compile"]])
+@pytest.mark.parametrize(
+    "flags", [[], ["--compile"], ["--quantize", "int8"], ["--quantize", "int4", "--compile"]]
+)
 def test_generate_cli_streams_the_greedy_continuation(flags, tmp_path, smollm2_tokenizer):
+    from smoltrain.generate import prepare_for_generation
     from smoltrain.model import CustomLLM
     from smoltrain.model.config import get_preset
 
@@ -27,6 +30,8 @@ def test_generate_cli_streams_the_greedy_continuation(flags, tmp_path, smollm2_t
     args = ["--model", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "8", *flags]
     result = run_cli("generate", *args)
     assert result.returncode == 0, result.stderr
+    if "--quantize" in flags:  # the quantized model's own greedy tokens
+        model = prepare_for_generation(model, quantize=flags[flags.index("--quantize") + 1])
     ids = smollm2_tokenizer("Hello world", return_tensors="pt")["input_ids"]
     expected = smollm2_tokenizer.decode(
         generate(model, ids, max_new_tokens=8)[0, ids.shape[1] :], skip_special_tokens=True

@@ -34,6 +34,7 @@ def assert_clean_error(result, *words: str) -> None:
         (["log.eval_every=0"], ["log.eval_every must be at least 1"]),
         (["train.precision=fp8"], ["train.precision 'fp8' is unknown"]),
         (["optim.beta2=1.5"], ["optim.beta2 must be in [0, 1]"]),
+        (["log.sample_quantize=int3"], ["log.sample_quantize 'int3' is unknown", "int4"]),
     ],
 )
 def test_nonsense_config_values_are_refused_at_load(tmp_path, overrides, words):
