@@ -19,7 +19,7 @@ from smoltrain.model.kernels.decode import (
     onednn_linear_works,
     pack,
 )
-from smoltrain.model.kernels.quantized import QUANTIZE_KINDS, QUANTIZED_LINEARS, quantizable
+from smoltrain.model.kernels.quantized import QUANTIZE_KINDS, QUANTIZED_LINEARS, Int8Linear, quantizable
 from smoltrain.model.model import CustomLLM, KVCache
 
 
@@ -73,7 +73,9 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False, quantize: st
     if quantize is not None:
         check_quantize(model, quantize)
         step = torch.compile(decode_step, fullgraph=True, dynamic=False) if compile else None
-        return pack(model, QUANTIZED_LINEARS[quantize].from_weight, step, quantized=quantize)
+        make_linear = QUANTIZED_LINEARS[quantize].from_weight
+        # int4 keeps the head in int8 (kernels/quantized.py says why)
+        return pack(model, make_linear, step, quantized=quantize, make_head=Int8Linear.from_weight)
     if compile:
         if model.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compile=True runs on CPU or CUDA, not {model.device.type}; leave it off there")

@@ -206,7 +206,10 @@ def write_gguf(
                 tensor = llama_cpp_order(tensor, config.num_attention_heads)
             elif hf_key.endswith("k_proj.weight"):
                 tensor = llama_cpp_order(tensor, config.num_key_value_heads)
-            array, kind = _gguf_tensor(tensor, dtype)  # quantized: bytes, the writer infers the shape
+            # q4 files keep the embedding and the head in q8_0, as llama.cpp's quantizer keeps the
+            # output tensor at more bits: in 4 bits they cost a 135M model 5% of its perplexity
+            head = hf_key in ("model.embed_tokens.weight", "lm_head.weight")
+            array, kind = _gguf_tensor(tensor, "q8_0" if head and dtype.startswith("q4") else dtype)
             writer.add_tensor(names.get_name(hf_key, try_suffixes=(".weight",)), array, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -172,12 +172,18 @@ class PackedLLM(CustomLLM):
     decode_step: Callable | None
     quantized: str | None  # "int8" or "int4" when the linears are quantized
 
-    def pack(self, make_linear: MakeLinear, decode_step: Callable | None, quantized: str | None) -> None:
+    def pack(
+        self,
+        make_linear: MakeLinear,
+        decode_step: Callable | None,
+        quantized: str | None,
+        make_head: MakeLinear,
+    ) -> None:
         for layer in self.layers:
             swap_class(layer.self_attn, PackedAttention).pack(make_linear)
             swap_class(layer.mlp, PackedMLP).pack(make_linear)
         with torch.no_grad():
-            self.lm_head = make_linear(self.lm_head.weight)
+            self.lm_head = make_head(self.lm_head.weight)
         self.decode_step, self.quantized = decode_step, quantized
         self.decode_caches: dict[tuple[int, int], KVCache] = {}
 
@@ -213,9 +219,10 @@ def pack(
     make_linear: MakeLinear,
     decode_step: Callable | None = None,
     quantized: str | None = None,
+    make_head: MakeLinear | None = None,
 ) -> PackedLLM:
     """Turn `model` into a `PackedLLM` in place: every linear replaced by `make_linear(weight)`,
     q/k/v and gate/up each merged into one (fewer, larger weight reads)."""
     packed = swap_class(model, PackedLLM)
-    packed.pack(make_linear, decode_step, quantized)
+    packed.pack(make_linear, decode_step, quantized, make_head or make_linear)
     return packed
