@@ -136,7 +136,8 @@ def work_hf(args) -> dict:
 
 
 def work_llama(args) -> dict:
-    """llama.cpp at batch 1 (llama-cpp-python's `Llama` decodes one sequence)."""
+    """llama.cpp through llama-cpp-python: its `Llama` at batch 1; at batch B, a context of B
+    sequences fed through llama.cpp's own batch API (one decode call per step for all rows)."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -153,6 +154,8 @@ def work_llama(args) -> dict:
         llama_lib.llama_model_default_params = without_extra_buffers
     llm = Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_threads=threads(), verbose=False)
     ids = prompt_ids(args.prompt_tokens)
+    if args.batch > 1:
+        return timed_decode(llama_batch_runner(llm, ids, args.batch), args.new_tokens, args.repeats)
 
     def next_token() -> int:  # the last token's logits (llm.scores holds them only with logits_all)
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
@@ -176,6 +179,43 @@ def work_llama(args) -> dict:
                 llm.eval([tokens[-1]])
             greedy.append(tokens)
     return {**timing, "greedy": greedy}
+
+
+def llama_batch_runner(llm, ids: list[int], rows: int):
+    """run(n): `rows` copies of the prompt, each its own sequence, then n - 1 greedy steps of
+    one token per row, each step one llama_decode."""
+    import llama_cpp.llama_cpp as lib
+    import numpy as np
+
+    params = lib.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = 1024 * rows, 512, 512
+    params.n_seq_max, params.n_threads, params.n_threads_batch = rows, threads(), threads()
+    ctx = lib.llama_init_from_model(llm._model.model, params)
+    batch = lib.llama_batch_init(512, 0, rows)
+    vocab = llm.n_vocab()
+
+    def decode(tokens: list[int], positions: list[int], sequences: list[int]) -> None:
+        batch.n_tokens = len(tokens)
+        for i, (token, position, sequence) in enumerate(zip(tokens, positions, sequences, strict=True)):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+            batch.seq_id[i][0], batch.logits[i] = sequence, i == len(tokens) - 1 or len(tokens) == rows
+        if lib.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def next_token(i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(vocab,))))
+
+    def run(n: int) -> None:
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        tokens = []
+        for row in range(rows):  # each prompt on its own (a batch holds 512 tokens)
+            decode(ids, list(range(len(ids))), [row] * len(ids))
+            tokens.append(next_token(-1))
+        for step in range(n - 1):
+            decode(tokens, [len(ids) + step] * rows, list(range(rows)))
+            tokens = [next_token(i) for i in range(rows)]
+
+    return run
 
 
 # ------------------------------------------------------------------------------ the table
@@ -259,10 +299,9 @@ def main() -> None:
                     contenders["smoltrain compiled"] = ["ours", *common, "--compile"]
                 if precision in ("f32", "bf16"):
                     contenders["transformers"] = ["hf", *common]
-                if batch == 1:
-                    for kind in LLAMA_TYPES[precision]:
-                        llama = ["llama", *common, *quality, "--gguf", str(files[kind])]
-                        contenders[f"llama.cpp {kind}"] = llama
+                for kind in LLAMA_TYPES[precision]:
+                    llama = ["llama", *common, *quality, "--gguf", str(files[kind])]
+                    contenders[f"llama.cpp {kind}"] = llama
                 for name, worker_args in contenders.items():
                     if name.startswith("llama"):  # its repacked (AMX, AVX2) layouts first, as it ships
                         result = run_worker(*worker_args, "--extra-buffers") or run_worker(*worker_args)

@@ -6,6 +6,7 @@ of fixed capacity) that torch.compile captures once."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +19,7 @@ from smoltrain.model.kernels.decode import (
     onednn_linear_pays,
     onednn_linear_works,
     pack,
+    reduction_pays,
 )
 from smoltrain.model.kernels.quantized import QUANTIZE_KINDS, QUANTIZED_LINEARS, Int8Linear, quantizable
 from smoltrain.model.model import CustomLLM, KVCache
@@ -54,11 +56,13 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False, quantize: st
       hosts batch-1 decoding is then 1.6x transformers' speed, on others it would be 0.7x:
       there the model stays as it is);
     - with `compile=True` (CPU or CUDA), every decode step after the prompt run by
-      `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`): at
-      batch 1 on CPU another 2x, at the price of compiling (20-40 s, once per batch size
-      and cache size); at batch 8 the default is faster.
+      `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`: on CPU a
+      one-row product where timing every layer's weights shows it beats `F.linear`): about
+      6000 ops a token become one call, at the price of compiling (20-40 s, once per batch
+      size and cache size); at batch 8 the default is faster.
     - with `quantize` ("int8" or "int4", CPU only), every linear, the tied head included,
-      replaced by a weight-only quantized one (`smoltrain.model.kernels.quantized`).
+      replaced by a weight-only quantized one (`smoltrain.model.kernels.quantized`); with
+      `compile` too, the quantized step compiled.
     Greedy tokens are those of the plain model (quantized: within the rounding). The model
     cannot be trained or saved afterwards (saving it says so); load it again for that."""
     model.eval().requires_grad_(False)
@@ -82,7 +86,8 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False, quantize: st
         step = torch.compile(
             decode_step, fullgraph=True, dynamic=False, **decode_compile_mode(model.device.type)
         )
-        return pack(model, ReductionLinear, step)
+        reduce = model.device.type == "cpu" and reduction_pays(model)
+        return pack(model, functools.partial(ReductionLinear, reduce=reduce), step)
     on_cpu = model.device.type == "cpu"
     if on_cpu and onednn_linear_works(model.dtype) and onednn_linear_pays(layer_weights(model)):
         return pack(model, OneDNNLinear)

@@ -94,23 +94,41 @@ def seconds_per_pass(linears: list[Callable], rows: list[torch.Tensor], repeats:
 
 
 class ReductionLinear(nn.Module):
-    """A frozen linear layer for a compiled decode step. On CPU, for a single row, it writes
-    x @ W.T as a product and a sum, which torch.compile turns into one vectorized pass over
-    the weights on every core: it reads them at the memory bandwidth (about 33 GB/s here),
-    where the library kernels an `mm` is sent to reach 11 (MKL) to 27 (oneDNN). Otherwise,
-    and in eager mode (the product would be materialized), it is `F.linear`."""
+    """A frozen linear layer for a compiled decode step. On CPU, for a single row and with
+    `reduce`, it writes x @ W.T as a product and a sum, which torch.compile turns into one
+    vectorized pass over the weights on every core: on one host that read them at 33 GB/s,
+    where MKL's gemv reached 11; on another MKL was 1.45x faster (`reduction_pays` times
+    both). Otherwise, and in eager mode (the product would be materialized), `F.linear`."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, reduce: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares a tied weight
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
-            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        one_row = x.device.type == "cpu" and x.shape[:-1].numel() == 1
+        if self.reduce and one_row and torch.compiler.is_compiling():
+            return one_row_product(x, self.weight)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+def one_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x.unsqueeze(-2) * weight).sum(-1)
+
+
+def reduction_pays(model: CustomLLM) -> bool:
+    """Whether torch.compile's one-row product reads every layer's weights (a pass as cold
+    to the caches as a decode step's) at least 10% faster than `F.linear` on this machine:
+    timed here, after compiling the product for each weight shape (a few seconds)."""
+    weights = [m.weight.detach() for m in model.layers.modules() if isinstance(m, nn.Linear)]
+    rows = [torch.ones(1, 1, w.shape[1], dtype=w.dtype) for w in weights]
+    product = torch.compile(one_row_product, dynamic=False)
+    reduced = [functools.partial(product, weight=w) for w in weights]
+    plain = [functools.partial(F.linear, weight=w) for w in weights]
+    return 1.1 * seconds_per_pass(reduced, rows, repeats=3) < seconds_per_pass(plain, rows, repeats=3)
 
 
 def one_query_attention(

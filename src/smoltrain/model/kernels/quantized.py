@@ -26,7 +26,10 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.q, self.scales = q.contiguous(), scales.to(COMPUTE_DTYPE).contiguous()  # plain attributes
+        # buffers (they move with the model, and a compiled step reads them as inputs), not in
+        # the state dict: a quantized model is not saved
+        self.register_buffer("q", q.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE).contiguous(), persistent=False)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Int8Linear:
@@ -57,11 +60,12 @@ class Int4Linear(nn.Module):
         """q: (out, in) integers 0..15; scales, lows: (out, in / 32)."""
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
         zeros = lows.float() + 8 * scales.float()
         # the kernel's layout: (in / 32, out, 2), scale then zero
-        self.scales_and_zeros = torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1)
-        self.scales_and_zeros = self.scales_and_zeros.to(COMPUTE_DTYPE).contiguous()
+        scales_and_zeros = torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1).to(COMPUTE_DTYPE)
+        self.register_buffer("packed", packed, persistent=False)  # as Int8Linear's
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous(), persistent=False)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Int4Linear:
