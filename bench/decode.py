@@ -11,7 +11,7 @@ greedy tokens each quantized contender shares with our f32 model on four prompts
 held-out perplexity per precision.
 
     python -m bench.decode                 # the table (~10 min on 2 cores)
-    python -m bench.decode --quick         # batch 1, prompt 32, 16 tokens: a smoke run
+    python -m bench.decode --quick         # batch 1, prompt 32, 64 tokens: a smoke run
     python -m bench.decode --worker ours --precision int4 --batch 1 --prompt-tokens 32
 """
 
@@ -285,7 +285,7 @@ def main() -> None:
     if choose_precision("auto", "cpu").precision == "bf16":  # bf16 matmuls fast here
         precisions.insert(1, "bf16")
     shapes = [(1, 32)] if args.quick else [(1, 32), (1, 512), (8, 32), (8, 512)]
-    new = "16" if args.quick else str(args.new_tokens)
+    new = "64" if args.quick else str(args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         hf, files = prepare_files(Path(tmp))
         rows, reference = [], None

@@ -36,6 +36,12 @@ def test_the_terminal_chat_keeps_the_history_and_takes_commands():
     assert "never read" not in result.stdout  # /exit ends the chat
 
 
+def test_the_terminal_chat_runs_quantized():
+    result = chat(["What is the capital of France?"], "--max-new-tokens", "12", "--quantize", "int4")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in next(line for line in result.stdout.splitlines() if line.startswith("assistant> "))
+
+
 def test_the_oldest_exchanges_give_way_to_the_context(smollm2_tokenizer):
     system = {"role": "system", "content": "Be brief."}
     turns = []

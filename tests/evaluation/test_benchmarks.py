@@ -94,7 +94,7 @@ def test_eval_cli_prints_a_table_and_writes_lm_eval_results(hf_folder, tasks_dir
     out = tmp_path / "results.json"
     run = eval_cli(
         "--model", str(hf_folder), "--tasks", "arc_easy_local,piqa_local", "--include-path", str(tasks_dir),
-        "--limit", "4", "--batch-size", "4", "--output", str(out),
+        "--limit", "4", "--batch-size", "4", "--output", str(out), "--quantize", "int8",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "arc_easy_local" in run.stdout and "acc_norm" in run.stdout  # lm-eval's table
