@@ -140,13 +140,13 @@ def test_the_demos_configs_run(trained, tmp_path):
     smoltrain(*quick, "log.sample_every=3", "log.sample_quantize=int8")  # samples from int8 weights
     assert (tmp_path / "quick/final/model.safetensors").is_file()
     assert any("sample" in r for r in metric_rows(tmp_path / "quick"))
-    for kind in ("int8", "int4"):  # a model trained with the quickstart decodes quantized
-        args = ["--model", str(tmp_path / "quick/final"), "--prompt", "The list", "--max-new-tokens", "8"]
-        decoded = subprocess.run(
-            [sys.executable, "-m", "smoltrain", "generate", *args, "--quantize", kind],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert decoded.returncode == 0 and decoded.stdout.startswith("The list"), decoded.stderr[-2000:]
+    # a model trained with the quickstart decodes quantized (int8: its samples above)
+    args = ["--model", str(tmp_path / "quick/final"), "--prompt", "The list", "--max-new-tokens", "8"]
+    decoded = subprocess.run(
+        [sys.executable, "-m", "smoltrain", "generate", *args, "--quantize", "int4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert decoded.returncode == 0 and decoded.stdout.startswith("The list"), decoded.stderr[-2000:]
     cont = [
         "--config",
         str(REPO / "configs/continue-smollm2.yaml"),
