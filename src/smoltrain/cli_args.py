@@ -29,8 +29,8 @@ COMPILE_HELP = (
 
 
 QUANTIZE_HELP = (
-    "CPU: weight-only quantized linears (PyTorch's packed kernels), the head included; int8 (one "
-    "scale per row) or int4 (groups of 32): faster decoding, slightly different logits"
+    "CPU: weight-only quantized linears (PyTorch's packed kernels), the head included (int8 under "
+    "int4); int8 (a scale per row) or int4 (groups of 32): faster decoding, slightly other logits"
 )
 
 

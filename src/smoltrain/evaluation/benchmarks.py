@@ -362,7 +362,8 @@ def require_ifeval_data(tasks: list[str]) -> None:
         except LookupError:
             return False
 
-    if not found() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not found() and not offline:
         timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # an unreachable server fails in seconds, not minutes
         try:
