@@ -37,7 +37,8 @@ def test_the_terminal_chat_keeps_the_history_and_takes_commands():
 
 
 def test_the_terminal_chat_runs_quantized():
-    result = chat(["What is the capital of France?"], "--max-new-tokens", "12", "--quantize", "int4")
+    flags = ["--max-new-tokens", "12", "--temperature", "0", "--quantize", "int4"]  # greedy
+    result = chat(["What is the capital of France?"], *flags)
     assert result.returncode == 0, result.stderr
     assert "Paris" in next(line for line in result.stdout.splitlines() if line.startswith("assistant> "))
 
