@@ -141,17 +141,10 @@ def work_llama(args) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    if not args.extra_buffers:  # see tests/llama_cpp_run.py: AMX q8_0 crashes on some CPUs
-        import llama_cpp.llama_cpp as llama_lib
+    if not args.extra_buffers:  # llama.cpp's AMX layouts crash on some CPUs
+        from tests.llama_cpp_run import without_extra_buffers
 
-        defaults = llama_lib.llama_model_default_params
-
-        def without_extra_buffers():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_lib.llama_model_default_params = without_extra_buffers
+        without_extra_buffers()
     llm = Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_threads=threads(), verbose=False)
     ids = prompt_ids(args.prompt_tokens)
     if args.batch > 1:
