@@ -10,6 +10,7 @@ import functools
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from smoltrain.model.kernels.decode import (
     OneDNNLinear,
@@ -103,7 +104,9 @@ def check_quantize(model: CustomLLM, quantize: str) -> None:
             f"quantize={quantize} runs PyTorch's CPU kernels; on {model.device.type} leave it off "
             "(bf16 there is fast), or load the model on the CPU (--device cpu)"
         )
-    if reason := quantizable(model.layers[0].mlp.down_proj.weight, quantize):
+    # every width: the hidden size (q/k/v, gate/up, the head), the attention's and the MLP's
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    for reason in filter(None, (quantizable(linear.weight, quantize) for linear in linears)):
         raise ValueError(f"cannot quantize this model: {reason}")
 
 

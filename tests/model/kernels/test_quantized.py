@@ -106,9 +106,10 @@ def test_quantize_says_what_it_cannot_do():
         on_meta = CustomLLM(micro_config())
     with pytest.raises(ValueError, match="CPU kernels; on meta leave it off"):
         prepare_for_generation(on_meta, quantize="int8")
-    odd = CustomLLM(micro_config(hidden_size=48, intermediate_size=80))
-    with pytest.raises(ValueError, match="multiples of 32"):
-        prepare_for_generation(odd, quantize="int4")
+    odd_hidden = dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
+    for odd in (dict(intermediate_size=80), odd_hidden):
+        with pytest.raises(ValueError, match="multiples of 32"):  # not a reshape's traceback
+            prepare_for_generation(CustomLLM(micro_config(**odd)), quantize="int4")
     with pytest.raises(ValueError, match="choose int8 or int4"):
         prepare_for_generation(CustomLLM(micro_config()), quantize="int3")
     done = prepare_for_generation(CustomLLM(micro_config()), quantize="int8")
