@@ -113,6 +113,18 @@ def test_generate_refuses_what_means_nothing(args, words):
     assert_clean_error(command("generate", "--model", "smollm2", *args), *words)
 
 
+def test_quantize_names_a_width_int4_cannot_take(tmp_path):
+    """A model whose hidden size is no multiple of 32 was a reshape's traceback under int4."""
+    from smoltrain.formats.model_io import save_model
+    from smoltrain.model import CustomLLM
+    from tests.conftest import micro_config
+
+    odd = CustomLLM(micro_config(hidden_size=48, num_attention_heads=3, num_key_value_heads=1))
+    save_model(odd, tmp_path / "odd")
+    result = command("generate", "--model", str(tmp_path / "odd"), "--prompt", "hi", "--quantize", "int4")
+    assert_clean_error(result, "cannot quantize this model", "multiples of 32; this model has 48")
+
+
 def test_generate_says_greedy_ignores_sampling_settings():
     result = command("generate", "--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0.5")
     assert result.returncode == 0
