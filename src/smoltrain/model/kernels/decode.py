@@ -139,7 +139,8 @@ def one_query_attention(
     arithmetic (compiled bf16 decoding went 50 -> 60 tok/s). Compiled on CPU, both products
     are written as products and sums, which the compiler fuses with the rotary, the cache
     write and the softmax into one loop a layer (two matmul calls a layer fewer: int8
-    decoding 5-8% faster); elsewhere they are matmuls. The softmax is in fp32, as in SDPA."""
+    decoding 5-8% faster on a Sapphire Rapids Xeon, even in its AVX2 setting;
+    docs/performance.md); elsewhere they are matmuls. The softmax is in fp32, as in SDPA."""
     B, nh, _, hd = q.shape
     n_kv = k.shape[1]
     q = q.view(B, n_kv, nh // n_kv, 1, hd)  # the query heads that share each key/value head
