@@ -72,3 +72,26 @@ def test_main_rejects_unknown_device(capsys):
 
     with pytest.raises(SystemExit, match="unknown device"):
         main(["generate", "--prompt", "x", "--device", "tpu"])
+
+
+def test_a_finished_rank_of_a_multi_process_run_exits_without_teardown():
+    """A rank whose command finished leaves with os._exit (gloo's threads could abort the
+    interpreter's teardown), after its output is flushed; a single process exits as usual."""
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "sys.argv = ['smoltrain', 'env', '--json']\n"
+        "from smoltrain.cli import main\n"
+        "main()\n"
+    )
+    import json
+    import os
+
+    for world_size, teardown in (("2", False), ("1", True)):
+        env = {**os.environ, "WORLD_SIZE": world_size}
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("teardown ran" in result.stdout) == teardown
+        json.loads(result.stdout.replace("teardown ran", ""))  # the whole report arrived
