@@ -20,8 +20,10 @@ over 3 generations; lm-eval items/s.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -766,6 +768,7 @@ def main() -> None:
 
         HALF = choose_precision("auto", "cpu").precision
         DRY_TOKENIZER = tempfile.mkdtemp(prefix="gpu-dry-tokenizer-")
+        atexit.register(shutil.rmtree, DRY_TOKENIZER, True)  # the sections share it to the end
         documents = training_documents("builtin:python-docs", 200)
         train_tokenizer(documents, 512).save_pretrained(DRY_TOKENIZER)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

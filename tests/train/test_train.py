@@ -1,8 +1,10 @@
+import atexit
 import dataclasses
 import functools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +46,7 @@ def small_vocabulary() -> str:
     from smoltrain.tokenizer import train_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="smoltrain-test-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, True)  # the process's tests share it to the end
     corpus = write_corpus(folder / "corpus.jsonl", 400)
     documents = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     train_tokenizer(documents, 512).save_pretrained(folder / "tokenizer")
