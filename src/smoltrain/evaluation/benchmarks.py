@@ -348,6 +348,8 @@ def require_ifeval_data(tasks: list[str]) -> None:
     import os
     import socket
 
+    from huggingface_hub import constants as hub_constants
+
     if missing := [m for m in ("langdetect", "immutabledict", "nltk") if not importlib.util.find_spec(m)]:
         raise MissingExtra(
             f"{', '.join(tasks)} need(s) {', '.join(missing)} (IFEval's instruction checkers), "
@@ -362,7 +364,8 @@ def require_ifeval_data(tasks: list[str]) -> None:
         except LookupError:
             return False
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    # the hub's own true values, read now (its HF_HUB_OFFLINE constant is read at its import)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in hub_constants.ENV_VARS_TRUE_VALUES
     if not found() and not offline:
         timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # an unreachable server fails in seconds, not minutes
