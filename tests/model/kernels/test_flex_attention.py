@@ -147,3 +147,24 @@ def test_the_block_mask_is_built_without_reading_a_value_on_the_host():
     with HostReads() as mode:
         flex.document_block_mask(random_packed_ids(4, 1024, seed=0))
     assert mode.reads == []
+
+
+def test_a_compiled_forward_calls_flex_attention_plainly_on_cuda(monkeypatch):
+    """An eager CUDA forward calls FlexAttention compiled on its own; inside torch.compile
+    the plain one, which the outer graph fuses (the compiled one nested there broke the
+    graph in every layer on an H200: dynamo cannot trace its autograd wrapper)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def compiled_on_its_own(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(flex, "_compiled_flex_attention", lambda: compiled_on_its_own)
+    cuda = torch.device("cuda")
+    assert flex.flex_kernel(cuda) is compiled_on_its_own
+    assert flex.flex_kernel(torch.device("cpu")) is flex_attention
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def plain_inside(x: torch.Tensor) -> torch.Tensor:
+        return x + (1 if flex.flex_kernel(cuda) is flex_attention else 0)
+
+    assert plain_inside(torch.zeros(1)).item() == 1

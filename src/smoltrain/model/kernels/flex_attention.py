@@ -29,6 +29,18 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)  # fused only when compiled
 
 
+def flex_kernel(device: torch.device):
+    """FlexAttention as a CUDA forward should call it: compiled on its own in an eager model,
+    plain inside a compiled one. Inside `torch.compile` the outer graph fuses it; the
+    compiled wrapper there is a nested compile whose autograd wrapper dynamo cannot trace
+    (a graph break in every layer, seen on an H200 with torch 2.11)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    return _compiled_flex_attention()
+
+
 @dataclass
 class FlexMask:
     """A block mask with the attention that reads it: `Attention.attention` calls `attend`."""
@@ -36,9 +48,7 @@ class FlexMask:
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        run = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+        run = flex_kernel(q.device)
         # one dtype for all three: under autocast rotary leaves q, k in fp32 beside a bf16 v,
         # which FlexAttention refuses before torch 2.10 (SDPA casts them itself)
         q, k = q.to(v.dtype), k.to(v.dtype)
