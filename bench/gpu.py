@@ -1,20 +1,24 @@
-"""Every GPU check and measurement of issues 17 and 29 in one run of under 7 minutes on one
-GPU, each section under its own time limit, its failure recorded instead of ending the run:
+"""Every GPU check and measurement of issues 17, 28 and 29 on one GPU, each section under its
+own time limit, its failure recorded instead of ending the run:
 
     bash bench/gpu.sh                  # on a CUDA machine: bench/gpu_results.json (rewritten
                                        # after every section) and bench/GPU_RESULTS.md
+    bash bench/gpu.sh --missing        # in a later lease: the sections not yet measured
     python -m bench.gpu --dry-run      # the same sections on CPU at toy sizes, to prove the
         [--out results.json]           # script; its figures mean nothing
 
-The sections (`SECTIONS`): inductor's cache warmed; 20 CLI steps of
+All of them need about 24 minutes with a cold inductor cache, more than one 15-minute lease:
+a run does what fits in `--budget` seconds (9 minutes) and `--missing` adds the rest later.
+The sections (`SECTIONS`): 20 CLI steps of
 configs/smollm2-135m-cosmopedia-gpu.yaml; host syncs counted in steps 3-6; a sample right
 after a bf16 step; an RNG file of more GPUs than are here; which SDPA kernel training takes;
 the chunked loss against F.cross_entropy in fp32, bf16 and fp16; an fp16 run whose loss scale
 overflows; document masks (FlexAttention) against none, eager and compiled (graph breaks,
 recompiles); ours against transformers at context 2048 (MFU with full and causal attention
 FLOPs); the GPU config's step memory against `smoltrain env`'s estimate; Muon's step time;
-the reference run's projected time; generation; CUDA-graph re-records of the compiled decode
-over 3 generations; lm-eval items/s.
+`smoltrain env` on the GPU (what `auto` picks, its memory estimate for the 360M preset
+against a real step); the reference run's projected time; generation; CUDA-graph re-records
+of the compiled decode over 3 generations; lm-eval items/s.
 """
 
 from __future__ import annotations
@@ -295,49 +299,36 @@ def worker(kind: str, *args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def versus_transformers(device: str, dry: bool) -> dict:
-    """Training tokens/s, MFU and memory at context 2048 in bf16, eager and compiled."""
-    preset, batch, context, steps = ("tiny", 2, 64, "2") if dry else ("smollm2-135m", 16, 2048, "10")
-    peak, source = peak_flops(device, HALF)
-    config = get_preset(preset)
-    flops = config.flops_per_token(context)
-    # causal attention computes half the scores: 6 L H T per token instead of 12 L H T
-    causal = flops - 6 * config.num_hidden_layers * config.hidden_size * context
-    rows = {}
-    for impl in ("ours", "hf"):
-        for compiled in (False,) if dry else (False, True):
-            r = worker(
-                "train",
-                *("--impl", impl, "--preset", preset, "--precision", HALF, "--device", device),
-                *("--batch", str(batch), "--context", str(context), "--steps", steps, "--warmup", "2"),
-                *(["--compile"] if compiled else []),
-            )
-            r["mfu"] = r["tokens_per_s"] * flops / peak
-            r["mfu_causal"] = r["tokens_per_s"] * causal / peak
-            rows[f"{impl}_{'compiled' if compiled else 'eager'}"] = r
-            log(
-                f"train {impl:4} {'compiled' if compiled else 'eager':8} {r['tokens_per_s']:>10,.0f} tok/s "
-                f"MFU {r['mfu']:.1%} (vs {source}) peak {r['peak_memory_mb']:,.0f} MB loss {r['loss']:.4f}"
-            )
-    off = worker(
-        "train",
-        *(
-            "--impl",
-            "ours",
-            "--preset",
-            preset,
-            "--precision",
-            HALF,
-            "--device",
-            device,
-            "--kernels",
-            "off",
-        ),
-        *("--batch", str(batch), "--context", str(context), "--steps", steps, "--warmup", "2"),
-    )
-    rows["ours_kernels_off"] = off
-    log(f"train ours kernels=off {off['tokens_per_s']:>10,.0f} tok/s peak {off['peak_memory_mb']:,.0f} MB")
-    return {"peak_flops": peak, "peak_source": source, "rows": rows}
+def train_row(impl: str, compiled: bool = False, kernels: str = "auto"):
+    """A section: training tokens/s, MFU and memory at context 2048 in bf16, one row of ours
+    against transformers (a row per section: a run cut short keeps the rows it measured)."""
+
+    def section(device: str, dry: bool) -> dict:
+        if dry and compiled:
+            return {"skipped": "dry run: nothing is compiled"}
+        preset, batch, context, steps = ("tiny", 2, 64, "2") if dry else ("smollm2-135m", 16, 2048, "10")
+        peak, source = peak_flops(device, HALF)
+        config = get_preset(preset)
+        flops = config.flops_per_token(context)
+        # causal attention computes half the scores: 6 L H T per token instead of 12 L H T
+        causal = flops - 6 * config.num_hidden_layers * config.hidden_size * context
+        r = worker(
+            "train",
+            *("--impl", impl, "--preset", preset, "--precision", HALF, "--device", device),
+            *("--batch", str(batch), "--context", str(context), "--steps", steps, "--warmup", "2"),
+            *(["--compile"] if compiled else []),
+            *(["--kernels", kernels] if impl == "ours" else []),
+        )
+        r |= {"mfu": r["tokens_per_s"] * flops / peak, "mfu_causal": r["tokens_per_s"] * causal / peak}
+        r |= {"peak_flops": peak, "peak_source": source}
+        log(
+            f"train {impl:4} {'compiled' if compiled else 'eager':8} kernels={kernels:4} "
+            f"{r['tokens_per_s']:>10,.0f} tok/s MFU {r['mfu']:.1%} (vs {source}) "
+            f"peak {r['peak_memory_mb']:,.0f} MB loss {r['loss']:.4f}"
+        )
+        return r
+
+    return section
 
 
 def reference_projection(device: str, dry: bool) -> dict:
@@ -593,6 +584,30 @@ def gpu_config_memory(device: str, dry: bool) -> dict:
     return result
 
 
+def env_command(device: str, dry: bool) -> dict:
+    """`smoltrain env --json` on this machine (issue 28): what `auto` picks on a GPU, and its
+    memory estimate for the 360M preset at 8 x 2048 against a real step's peak there."""
+    preset, batch, context = ("tiny", 2, 64) if dry else ("smollm2-360m", 8, 2048)
+    cmd = [sys.executable, "-m", "smoltrain", "env", "--json", "--device", device, "--preset", preset]
+    cmd += ["--micro-batch", str(batch), "--context", str(context)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, timeout=120)
+    report = json.loads(out.stdout)
+    r = worker(
+        "train",
+        *("--impl", "ours", "--preset", preset, "--precision", report["auto"]["precision"]),
+        *("--device", device, "--batch", str(batch), "--context", str(context)),
+        *("--steps", "1", "--warmup", "1", "--peak-n", "256"),
+    )
+    result = {
+        "auto": report["auto"],
+        "devices": report["devices"],
+        "estimate_gb": report["memory"]["total_gb"],
+        "peak_gb": round(r["peak_memory_mb"] / 1024, 2),
+    }
+    log(f"smoltrain env: {result}")
+    return result
+
+
 def muon_step_time(device: str, dry: bool) -> dict:
     """Time of one optimizer step, AdamW alone against Muon + AdamW, on the 135M model."""
     from smoltrain.model import CustomLLM
@@ -619,74 +634,66 @@ def muon_step_time(device: str, dry: bool) -> dict:
 def write_report(results: dict, folder: Path) -> None:
     """bench/GPU_RESULTS.md from the results (the JSON is written after every section)."""
     env = results["environment"]
+    runs = [f"{r['date']}, torch {r['torch']}, {len(r['sections'])} sections" for r in results["runs"]]
     lines = [
         f"# GPU results: {env['device']}, torch {env['torch']}",
         "",
-        f"Written by `bash bench/gpu.sh` on {time.strftime('%Y-%m-%d')}, "
-        f"in {results['script_seconds']:.0f} s.",
+        f"Written by `bash bench/gpu.sh` (`--missing` adds what a run left): {'; '.join(runs)}.",
         "",
-        f"Summary: {results['summary']}",
+        f"Summary: {results.get('summary')}",
         "",
     ]
-    versus = results.get("versus_transformers", {}).get("result")
-    if versus:
+    rows = training_rows(results)
+    if rows:
+        first = next(iter(rows.values()))
         lines += [
-            f"MFU against {versus['peak_flops'] / 1e12:,.0f} TFLOP/s ({versus['peak_source']}); "
+            f"MFU against {first['peak_flops'] / 1e12:,.0f} TFLOP/s ({first['peak_source']}); "
             "causal: attention FLOPs of the causal half only.",
             "",
             "| training, bf16, context 2048 | tokens/s | MFU | MFU (causal) | peak memory (MB) | loss |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        for name, r in versus["rows"].items():
-            mfu = f"{r['mfu']:.1%} | {r['mfu_causal']:.1%}" if "mfu" in r else " | "
+        for name, r in rows.items():
             lines.append(
-                f"| {name} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                f"| {name} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['mfu_causal']:.1%} | "
                 f"{r['peak_memory_mb']:,.0f} | {r['loss']:.4f} |"
             )
         lines.append("")
     for name, _, _ in SECTIONS:
-        if name in results and name != "versus_transformers":
-            r = results[name]
+        r = results.get(name)
+        if r is None:
+            lines.append(f"- {name}: not run yet (`bash bench/gpu.sh --missing` runs it)")
+        elif name not in rows:
             shown = r["result"] if r["ok"] else f"FAILED: {r['error']}"
             lines.append(f"- {name} ({r['seconds']} s): {shown}")
     (folder / "GPU_RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
-def warm_inductor(device: str, dry: bool) -> dict:
-    """Compile the 135M training step once, so that the compiled runs after it read
-    inductor's cache (kept under runs/, shared by every process of this script and by a
-    rerun) instead of compiling from cold."""
-    if dry:
-        return {"skipped": "dry run: nothing is compiled"}
-    r = worker(
-        "train",
-        *("--impl", "ours", "--preset", "smollm2-135m", "--precision", HALF, "--device", device),
-        *("--batch", "16", "--context", "2048", "--steps", "1", "--warmup", "0", "--compile"),
-    )
-    result = {"compile_s": r["compile_s"]}
-    log(f"inductor cache warmed: {result}")
-    return result
-
-
-# (name, the function, its time limit in seconds on one H200): 7 minutes in all at most
+# (name, the function, its time limit in seconds on one H200 with a cold inductor cache, from
+# the first lent run: torch 2.11, 16 CPU cores compiling). All of them take about 24 minutes,
+# more than one lease: `--budget` runs what fits, `--missing` the rest in a later lease.
 SECTIONS = [
-    ("warm_inductor", warm_inductor, 60),
-    ("cli_steps", cli_steps, 40),
-    ("sync_count", sync_count, 25),
-    ("sample_after_bf16_step", sample_after_bf16_step, 20),
     ("resume_with_more_rng_states", resume_with_more_rng_states, 5),
     ("sdpa_kernels", sdpa_kernels, 10),
     ("chunked_loss", chunked_loss_errors, 10),
-    ("fp16_overflow", fp16_overflow, 20),
-    ("document_mask", document_mask, 15),
-    ("compiled_document_masks", compiled_document_masks, 40),
-    ("versus_transformers", versus_transformers, 60),
-    ("gpu_config_memory", gpu_config_memory, 15),
-    ("muon_step_time", muon_step_time, 10),
-    ("reference_projection", reference_projection, 15),
-    ("generation", generation, 25),
-    ("decode_graph_records", decode_graph_records, 25),
-    ("lm_eval_items", lm_eval_items, 25),
+    ("document_mask", document_mask, 20),
+    ("gpu_config_memory", gpu_config_memory, 25),
+    ("env_command", env_command, 35),
+    ("muon_step_time", muon_step_time, 15),
+    ("fp16_overflow", fp16_overflow, 50),
+    ("train_ours_eager", train_row("ours"), 40),
+    ("train_hf_eager", train_row("hf"), 40),
+    ("train_ours_kernels_off", train_row("ours", kernels="off"), 40),
+    ("train_ours_compiled", train_row("ours", compiled=True), 120),
+    ("train_hf_compiled", train_row("hf", compiled=True), 150),
+    ("generation", generation, 120),
+    ("cli_steps", cli_steps, 180),
+    ("sync_count", sync_count, 120),
+    ("sample_after_bf16_step", sample_after_bf16_step, 120),
+    ("compiled_document_masks", compiled_document_masks, 150),
+    ("reference_projection", reference_projection, 40),
+    ("decode_graph_records", decode_graph_records, 90),
+    ("lm_eval_items", lm_eval_items, 60),
 ]
 
 
@@ -705,7 +712,7 @@ def run_section(name: str, fn, limit_s: int, device: str, dry: bool, out: Path) 
 
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, overrun)
-    signal.alarm(limit_s * (10 if dry else 2))  # the limits are H200 figures; CPU is slower
+    signal.alarm(limit_s * (10 if dry else 1))  # the limits are H200 figures; CPU is slower
     try:
         args = (
             (device, dry, out)
@@ -725,22 +732,29 @@ def run_section(name: str, fn, limit_s: int, device: str, dry: bool, out: Path) 
         signal.alarm(0)
 
 
+def training_rows(results: dict) -> dict:
+    """The training rows measured so far, by section name."""
+    return {
+        name: r["result"]
+        for name, r in results.items()
+        if name.startswith("train_") and isinstance(r, dict) and r.get("ok") and "tokens_per_s" in r["result"]
+    }
+
+
 def summarize(results: dict) -> dict:
     """The headline figures, from whichever sections reported."""
     summary = {}
-    versus = results.get("versus_transformers", {}).get("result")
-    if versus:
-        rows = versus["rows"]
-        summary["mfu_bf16_2048_eager"] = rows["ours_eager"]["mfu"]
-        summary["mfu_bf16_2048_eager_causal"] = rows["ours_eager"]["mfu_causal"]
-        summary["mfu_bf16_2048_compiled"] = rows.get("ours_compiled", {}).get("mfu")
-        best = {
-            impl: max(
-                r["tokens_per_s"] for k, r in rows.items() if k in (f"{impl}_eager", f"{impl}_compiled")
-            )
-            for impl in ("ours", "hf")
-        }
+    rows = training_rows(results)
+    for name in ("train_ours_eager", "train_ours_compiled"):
+        if name in rows:
+            summary[f"mfu_bf16_2048_{name.removeprefix('train_ours_')}"] = rows[name]["mfu"]
+    best = {
+        impl: max((r["tokens_per_s"] for k, r in rows.items() if k.startswith(f"train_{impl}_")), default=0)
+        for impl in ("ours", "hf")
+    }
+    if best["ours"] and best["hf"]:
         summary["ours_vs_transformers"] = best["ours"] / best["hf"]
+        summary["ours_vs_transformers_rows"] = "best measured of each"
     projection = results.get("reference_projection", {}).get("result")
     if projection:
         summary["reference_5000_steps_s"] = min(projection.values())
@@ -754,6 +768,18 @@ def main() -> None:
         "--out", type=Path, default=None, help="results JSON (default bench/gpu_results.json)"
     )
     parser.add_argument("--only", default=None, help="comma-separated section names")
+    parser.add_argument(
+        "--missing",
+        action="store_true",
+        help="run only the sections the results file lacks or that failed there, and add them to it",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds (default 540 on a GPU, none in a dry run): a section whose limit would pass "
+        "this is left for a later run (--missing)",
+    )
     args = parser.parse_args()
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -776,20 +802,30 @@ def main() -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / "runs/inductor-cache"))
     start = time.perf_counter()
     wanted = set(args.only.split(",")) if args.only else None
-    results: dict = {"environment": environment(device), "dry_run": dry}
+    earlier = json.loads(path.read_text()) if args.missing and path and path.is_file() else {}
+    results: dict = earlier | {"environment": environment(device), "dry_run": dry}
+    this_run = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "sections": []}
+    results["runs"] = [*earlier.get("runs", []), this_run]
+    budget = args.budget or (float("inf") if dry else 540)
+    left = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn, limit_s in SECTIONS:
-            if wanted and name not in wanted:
+            if (wanted and name not in wanted) or earlier.get(name, {}).get("ok"):
+                continue
+            if time.perf_counter() - start + limit_s > budget:
+                left.append(name)
                 continue
             results[name] = run_section(name, fn, limit_s, device, dry, Path(tmp))
+            this_run["sections"].append(name)
             results["summary"] = summarize(results)
-            results["script_seconds"] = round(time.perf_counter() - start, 1)
+            this_run["seconds"] = round(time.perf_counter() - start, 1)
             if path:  # after every section: a run cut short keeps what it measured
                 path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     failed = [name for name, r in results.items() if isinstance(r, dict) and r.get("ok") is False]
     log(
-        f"summary: {results['summary']}; failed sections: {failed or 'none'}; "
-        f"script {results['script_seconds']:.0f}s"
+        f"summary: {results.get('summary')}; failed sections: {failed or 'none'}; "
+        f"left for a later run (--missing), over the {budget:.0f} s budget: {left or 'none'}; "
+        f"script {time.perf_counter() - start:.0f}s"
     )
     if not dry:
         write_report(results, REPO / "bench")

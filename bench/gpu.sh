@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One CUDA GPU, under 7 minutes: every check and measurement of bench/gpu.py, each section
-# under its own time limit and try/except, bench/gpu_results.json rewritten after each one (a
-# run cut short keeps what it measured), bench/GPU_RESULTS.md at the end. Run from the
+# One CUDA GPU: the checks and measurements of bench/gpu.py that fit in 9 minutes (`--budget`),
+# each section under its own time limit and try/except, bench/gpu_results.json rewritten after
+# each one (a run cut short keeps what it measured), bench/GPU_RESULTS.md at the end;
+# `--missing` in a later lease runs the sections not yet measured. Run from the
 # repository root after `make setup-test` (on a CUDA machine with PyPI's CUDA torch:
 # make setup-test TORCH_SPEC="torch>=2.9,<2.14"). `--only NAME,...` runs some sections;
 # `python -m bench.gpu --dry-run` runs the same script on CPU at toy sizes.
