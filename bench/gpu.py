@@ -604,7 +604,7 @@ def env_command(device: str, dry: bool) -> dict:
         "auto": report["auto"],
         "devices": report["devices"],
         "estimate_gb": report["memory"]["total_gb"],
-        "peak_gb": round(r["peak_memory_mb"] / 1024, 2),
+        "peak_gb": round(r["peak_memory_mb"] * 2**20 / 1e9, 2),  # env's GB are 1e9 bytes
     }
     log(f"smoltrain env: {result}")
     return result
