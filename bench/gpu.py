@@ -636,7 +636,10 @@ def muon_step_time(device: str, dry: bool) -> dict:
 def write_report(results: dict, folder: Path) -> None:
     """bench/GPU_RESULTS.md from the results (the JSON is written after every section)."""
     env = results["environment"]
-    runs = [f"{r['date']}, torch {r['torch']}, {len(r['sections'])} sections" for r in results["runs"]]
+    runs = [
+        f"{r['date']}, {r.get('device')}, torch {r['torch']}, {len(r['sections'])} sections"
+        for r in results["runs"]
+    ]
     lines = [
         f"# GPU results: {env['device']}, torch {env['torch']}",
         "",
@@ -806,7 +809,8 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else None
     earlier = json.loads(path.read_text()) if args.missing and path and path.is_file() else {}
     results: dict = earlier | {"environment": environment(device), "dry_run": dry}
-    this_run = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "sections": []}
+    this_run = {"date": time.strftime("%Y-%m-%d"), "device": results["environment"]["device"]}
+    this_run |= {"torch": torch.__version__, "sections": []}
     results["runs"] = [*earlier.get("runs", []), this_run]
     budget = args.budget or (float("inf") if dry else 540)
     left = []
