@@ -41,7 +41,7 @@ def test_data_bench_reports_prepare_and_loaders():
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_every_section_on_cpu(tmp_path):
-    """bench/gpu.sh has never had a GPU: its dry run on CPU (toy sizes) runs every section,
+    """bench/gpu.sh meets a GPU only in a rare lease: its dry run on CPU (toy sizes) runs every section,
     and the results file holds each one's outcome, written as the run goes."""
     import json
 
