@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from smoltrain.generate import generate, prepare_for_generation
 from smoltrain.model import CustomLLM
-from smoltrain.model.kernels.quantized import COMPUTE_DTYPE, INT4_GROUP, Int4Linear, Int8Linear
+from smoltrain.model.kernels.quantized import COMPUTE_DTYPE, INT4_GROUP, Int4Linear, Int8Linear, grid_steps
 from tests.conftest import micro_config
 
 
@@ -36,6 +36,35 @@ def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group():
     error = (linear.dequantized() - w).view_as(groups).abs()
     # bf16 scales, zeros and outputs round by 2^-8 of the group's largest magnitude
     assert (error <= step / 2 + groups.abs().amax(-1, keepdim=True) * 2**-7).all()
+
+
+def test_int4_keeps_the_grid_a_gguf_block_already_lies_on():
+    """Weights dequantized from q4_1 (levels 0..15 above a minimum), q4_0 (-8..7 around zero,
+    the top levels unused) or a block using a few levels come back on their own grid, not
+    rounded a second time; a trained weight's groups and constant ones lie on none."""
+    torch.manual_seed(0)
+    shape = (64, 5, INT4_GROUP)
+    # steps and minimums of few bits: the kernel's bf16 scales and zeros hold them exactly, so
+    # a weight kept on its grid comes back exactly and one rounded again does not
+    steps = torch.randint(1, 9, shape[:2]) * 2.0**-9
+    mins = -torch.randint(0, 5, shape[:2]) * 2.0**-6
+    q4_1 = torch.randint(0, 16, shape).float()
+    q4_0 = torch.randint(-8, 6, shape).float()
+    q4_0[..., 9] = -8
+    few = torch.tensor([0.0, 2.0, 5.0, 9.0])[torch.randint(0, 4, shape)]
+    few[..., 4], few[..., 30] = 0, 9
+    for levels, offset in ((q4_1, mins), (q4_0, 0 * mins), (few, mins)):
+        groups = levels * steps[..., None] + offset[..., None]
+        lows, highs = groups.amin(-1), groups.amax(-1)
+        found = grid_steps(groups, lows, highs)
+        on_grid = (groups - lows[..., None]) / found[..., None]
+        assert ((on_grid - on_grid.round()).abs() < 1e-3).all() and (on_grid <= 15 + 1e-3).all()
+        w = groups.reshape(shape[0], -1)
+        assert torch.equal(Int4Linear.from_weight(w).dequantized(), w)
+    trained = torch.randn(shape) * 0.05
+    assert grid_steps(trained, trained.amin(-1), trained.amax(-1)).isinf().all()
+    constant = torch.full(shape, 0.25)
+    assert grid_steps(constant, constant.amin(-1), constant.amax(-1)).isinf().all()
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
