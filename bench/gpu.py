@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -300,6 +301,13 @@ def worker(kind: str, *args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@functools.cache
+def training_peak(device: str) -> tuple[float, str]:
+    """The MFU ceiling of every training row, found once a run (on a GPU with no datasheet
+    entry, `peak_flops` times large matmuls)."""
+    return peak_flops(device, HALF)
+
+
 def train_row(impl: str, compiled: bool = False, kernels: str = "auto"):
     """A section: training tokens/s, MFU and memory at context 2048 in bf16, one row of ours
     against transformers (a row per section: a run cut short keeps the rows it measured)."""
@@ -308,7 +316,7 @@ def train_row(impl: str, compiled: bool = False, kernels: str = "auto"):
         if dry and compiled:
             return {"skipped": "dry run: nothing is compiled"}
         preset, batch, context, steps = ("tiny", 2, 64, "2") if dry else ("smollm2-135m", 16, 2048, "10")
-        peak, source = peak_flops(device, HALF)
+        peak, source = training_peak(device)
         config = get_preset(preset)
         flops = config.flops_per_token(context)
         # causal attention computes half the scores: 6 L H T per token instead of 12 L H T
