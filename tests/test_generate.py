@@ -139,7 +139,8 @@ def test_static_cache_steps_equal_the_growing_cache(sliding_window):
 
 def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch):
     """prepare_for_generation(compile=True): the same greedy tokens in fp32, batched and
-    padded, and one compiled graph serves generations of other lengths."""
+    padded, and one compiled graph serves generations of other lengths (on CPU the slots
+    read are a dynamic dimension)."""
     from torch._dynamo.utils import counters
 
     plain = first_layers(load_model("smollm2"), 2)  # SmolLM2's weights, 2 layers: 7x quicker to compile
@@ -243,15 +244,23 @@ def test_the_compiled_decode_path_reuses_one_cache_per_shape(micro_model):
     """The decode step's KV cache is kept per (batch, capacity) and reused: CUDA graphs are
     recorded on its buffers' addresses, so a fresh cache per request re-recorded them every
     time. (The step runs eagerly here: the same path, without compiling.) Reuse changes no
-    token: stale keys of the last request are masked."""
+    token: stale keys of the last request are masked, and on CPU never read: each step's mask
+    covers the slots filled so far."""
     reference = [generate(micro_model, torch.tensor([p]), max_new_tokens=6) for p in ([5, 6, 7], [9, 3])]
-    model = pack(micro_model, ReductionLinear, decode_step)  # as compile=True does, uncompiled
+    widths = []
+
+    def step(model, ids, positions, cache_position, mask, cache):
+        widths.append(mask.shape[-1])
+        return decode_step(model, ids, positions, cache_position, mask, cache)
+
+    model = pack(micro_model, ReductionLinear, step)  # as compile=True does, uncompiled
     made = []
     real = model.decode_cache
     model.decode_cache = lambda *a, **k: made.append(real(*a, **k)) or made[-1]
     outputs = [generate(model, torch.tensor([p]), max_new_tokens=6) for p in ([5, 6, 7], [9, 3], [5, 6, 7])]
     assert [torch.equal(a, b) for a, b in zip(outputs, [*reference, reference[0]], strict=True)] == [True] * 3
     assert len(made) == 3 and made[0] is made[1] is made[2] and made[0].capacity == 128  # the context
+    assert widths[:5] == [4, 5, 6, 7, 8]  # the first prompt's 3 tokens, then one slot a step
     assert model.decode_cache(2, 128) is not made[0]  # another batch size: its own
 
 

@@ -35,9 +35,10 @@ def decode_step(
     cache: KVCache,
 ) -> torch.Tensor:
     """Logits (B, V) after one new token per row (B, 1), written to the cache slot
-    `cache_position` (1,); `mask` (B, 1, 1, capacity) says which slots each row sees. Every
-    shape is fixed by the batch and the cache's capacity, and the position is a tensor, so
-    torch.compile captures it once for all the steps of a generation."""
+    `cache_position` (1,); `mask` (B, 1, 1, S) says which of the cache's first S slots each
+    row sees: S is the capacity where CUDA graphs replay the step (every shape fixed), else
+    the slots filled so far (a dynamic dimension). The position is a tensor, so
+    torch.compile captures the step once per batch size and capacity."""
     out = model(
         input_ids,
         attention_mask=mask,
@@ -239,15 +240,16 @@ def stream_generate(
         if step > 0 and compiled_step is not None:
             slot = cache.length
             slots[:, slot] = True
-            mask = slots
+            mask = slots[:, None, None]
             if model.config.sliding_window is not None:
-                mask = slots & (slot_index > slot - model.config.sliding_window)
-            cache_position = torch.tensor([slot], device=model.device)
+                mask = mask & (slot_index > slot - model.config.sliding_window)
             if graphs:  # the previous replay's outputs are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = compiled_step(
-                model, step_ids, step_positions, cache_position, mask[:, None, None], cache
-            )
+            else:  # attention reads the filled slots only (int4 at a 32-token prompt: +10%)
+                mask = mask[..., : slot + 1]
+                torch._dynamo.mark_dynamic(mask, 3)
+            cache_position = torch.tensor([slot], device=model.device)
+            logits = compiled_step(model, step_ids, step_positions, cache_position, mask, cache)
             cache.advance(1)
         else:
             logits = model(
