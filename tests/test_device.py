@@ -46,7 +46,7 @@ def test_tf32_is_set_on_cuda_only(monkeypatch):
 
 def test_cuda_graphs_for_the_compiled_decode_step_on_cuda_only():
     assert decode_compile_mode("cuda") == {"mode": "reduce-overhead"}
-    assert decode_compile_mode("cpu") == {}
+    assert "mode" not in decode_compile_mode("cpu")
 
 
 def test_no_cpu_only_kernel_or_glibc_setting_off_cpu(monkeypatch):

@@ -140,9 +140,19 @@ def test_static_cache_steps_equal_the_growing_cache(sliding_window):
 def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch):
     """prepare_for_generation(compile=True): the same greedy tokens in fp32, batched and
     padded, and one compiled graph serves generations of other lengths (on CPU the slots
-    read are a dynamic dimension)."""
+    read are a dynamic dimension). Its guards check the inputs, not the model's weights and
+    modules, and a second compiled model of another shape still runs its own graph."""
     from torch._dynamo.utils import counters
 
+    kept = []
+
+    def recording(guards):
+        keep = generate_module.guards_outside_the_model(guards)
+        kept.extend(guard.name for guard, k in zip(guards, keep, strict=True) if k)
+        return keep
+
+    options = {"options": {"guard_filter_fn": recording}}
+    monkeypatch.setattr(generate_module, "decode_compile_mode", lambda device: options)
     plain = first_layers(load_model("smollm2"), 2)  # SmolLM2's weights, 2 layers: 7x quicker to compile
     compiled = prepare_for_generation(first_layers(load_model("smollm2"), 2), compile=True)
     assert compiled.decode_step is not None and compiled.num_parameters() == plain.num_parameters()
@@ -155,6 +165,13 @@ def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch
     args["max_new_tokens"] = 12
     assert torch.equal(generate(compiled, ids, **args), generate(plain, ids, **args))
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    assert {"input_ids", "mask", "cache_position"} <= set(kept) and "model" in kept
+    assert not [name for name in kept if name.startswith(("model.", "model["))]
+    int8 = prepare_for_generation(first_layers(load_model("smollm2"), 2), compile=True, quantize="int8")
+    int8_eager = prepare_for_generation(first_layers(load_model("smollm2"), 2), quantize="int8")
+    assert torch.equal(generate(int8, ids, **args), generate(int8_eager, ids, **args))
+    with pytest.raises(ValueError, match="load the model again, move or cast it"):
+        compiled.to(torch.float64)
     with pytest.raises(ValueError, match="prepare_for_generation"):
         save_model(compiled, tmp_path / "out")
     monkeypatch.setattr(generate_module, "onednn_linear_pays", lambda weights: True)

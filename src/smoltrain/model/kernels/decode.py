@@ -236,6 +236,13 @@ class PackedLLM(CustomLLM):
     def num_parameters(self) -> int:
         return self.config.num_params()  # the repacked weights are no longer all parameters
 
+    def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .half() and the like call
+        raise ValueError(
+            "this model went through prepare_for_generation: its weights are repacked for the "
+            "device and dtype it was on, and its compiled step checks none of them; load the "
+            "model again, move or cast it, then call prepare_for_generation"
+        )
+
     def forward(self, input_ids: torch.Tensor, *args, labels: torch.Tensor | None = None, **kwargs):
         if labels is not None:
             raise ValueError(
