@@ -151,7 +151,8 @@ def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch
         kept.extend(guard.name for guard, k in zip(guards, keep, strict=True) if k)
         return keep
 
-    options = {"options": {"guard_filter_fn": recording}}
+    options = generate_module.decode_compile_mode("cpu")  # as it is, but the guards recorded
+    options = {"options": {**options["options"], "guard_filter_fn": recording}}
     monkeypatch.setattr(generate_module, "decode_compile_mode", lambda device: options)
     plain = first_layers(load_model("smollm2"), 2)  # SmolLM2's weights, 2 layers: 7x quicker to compile
     compiled = prepare_for_generation(first_layers(load_model("smollm2"), 2), compile=True)

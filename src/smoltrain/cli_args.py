@@ -23,8 +23,9 @@ def config_flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 COMPILE_HELP = (
-    "compile the decode step with torch.compile: on CPU about 2x faster at batch 1, after 20-40 s "
-    "of compiling (again for each new cache size: 256, 512, ... tokens); worth it for long outputs"
+    "compile the decode step with torch.compile: on CPU about 2x faster at batch 1, after 20-100 s "
+    "of compiling the first time, about 10 s later (again for each new cache size: 256, 512, ... "
+    "tokens); worth it for long outputs"
 )
 
 

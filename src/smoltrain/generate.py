@@ -61,8 +61,8 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False, quantize: st
     - with `compile=True` (CPU or CUDA), every decode step after the prompt run by
       `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`: on CPU a
       one-row product where timing every layer's weights shows it beats `F.linear`): about
-      6000 ops a token become one call, at the price of compiling (20-40 s, once per batch
-      size and cache size); at batch 8 the default is faster.
+      6000 ops a token become one call, at the price of compiling (20-100 s on 2 cores, about
+      10 s from inductor's cache; once per batch size and cache size); at batch 8 the default is faster.
     - with `quantize` ("int8" or "int4", CPU only), every linear, the tied head included,
       replaced by a weight-only quantized one (`smoltrain.model.kernels.quantized`); with
       `compile` too, the quantized step compiled.
@@ -123,10 +123,13 @@ def decode_compile_mode(device_type: str) -> dict:
     """On CUDA the compiled step is replayed as a CUDA graph ("reduce-overhead"): at batch 1
     a 135M step is a few hundred tiny kernels whose launches, not the GPU, set the pace.
     The cache's buffers are then static addresses (`stream_generate` marks them).
-    On CPU its guards skip what the model holds (`guards_outside_the_model`)."""
+    On CPU its guards skip what the model holds (`guards_outside_the_model`), and inductor
+    writes the graph's wrapper in C++ (`cpp_wrapper`), which calls its 120 matmuls and as
+    many fused loops a token without Python: int4 +11-17%, f32 +6-12%, int8 even, for a first
+    compile of 75-100 s instead of 10-50 (135M, 2 cores, Xeon; docs/performance.md)."""
     if device_type == "cuda":
         return {"mode": "reduce-overhead"}
-    return {"options": {"guard_filter_fn": guards_outside_the_model}}
+    return {"options": {"guard_filter_fn": guards_outside_the_model, "cpp_wrapper": True}}
 
 
 def guards_outside_the_model(guards: list) -> list[bool]:
