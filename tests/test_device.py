@@ -46,7 +46,8 @@ def test_tf32_is_set_on_cuda_only(monkeypatch):
 
 def test_cuda_graphs_for_the_compiled_decode_step_on_cuda_only():
     assert decode_compile_mode("cuda") == {"mode": "reduce-overhead"}
-    assert "mode" not in decode_compile_mode("cpu")
+    cpu = decode_compile_mode("cpu")  # no graphs; guards on the inputs only, a C++ wrapper
+    assert "mode" not in cpu and cpu["options"]["cpp_wrapper"] and cpu["options"]["guard_filter_fn"]
 
 
 def test_no_cpu_only_kernel_or_glibc_setting_off_cpu(monkeypatch):

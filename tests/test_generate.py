@@ -141,7 +141,7 @@ def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch
     """prepare_for_generation(compile=True): the same greedy tokens in fp32, batched and
     padded, and one compiled graph serves generations of other lengths (on CPU the slots
     read are a dynamic dimension). Its guards check the inputs, not the model's weights and
-    modules, and a second compiled model of another shape still runs its own graph."""
+    modules, and a second compiled model of another kind (int8) runs its own graph."""
     from torch._dynamo.utils import counters
 
     kept = []

@@ -269,7 +269,7 @@ def stream_generate(
                 mask = mask & (slot_index > slot - model.config.sliding_window)
             if graphs:  # the previous replay's outputs are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
-            else:  # attention reads the filled slots only (int4 at a 32-token prompt: +10%)
+            else:  # attention reads the filled slots only (int4 +3-5% after 32 tokens, +20% after 512)
                 mask = mask[..., : slot + 1]
                 torch._dynamo.mark_dynamic(mask, 3)
             cache_position = torch.tensor([slot], device=model.device)

@@ -239,7 +239,7 @@ class PackedLLM(CustomLLM):
     def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .half() and the like call
         raise ValueError(
             "this model went through prepare_for_generation: its weights are repacked for the "
-            "device and dtype it was on, and its compiled step checks none of them; load the "
+            "device and dtype it was on (and a compiled step checks none of them); load the "
             "model again, move or cast it, then call prepare_for_generation"
         )
 
