@@ -21,6 +21,7 @@ from smoltrain.generate import (
 from smoltrain.model import CustomLLM
 from smoltrain.model.kernels import decode
 from smoltrain.model.kernels.decode import PackedLLM, ReductionLinear, onednn_linear_works, pack
+from smoltrain.model.model import KVCache
 from tests.conftest import micro_config
 from tests.model.test_model import to_transformers
 
@@ -170,6 +171,7 @@ def test_compiled_decode_generates_what_the_plain_one_does(tmp_path, monkeypatch
     assert not [name for name in kept if name.startswith(("model.", "model["))]
     int8 = prepare_for_generation(first_layers(load_model("smollm2"), 2), compile=True, quantize="int8")
     int8_eager = prepare_for_generation(first_layers(load_model("smollm2"), 2), quantize="int8")
+    int8_eager.decode_step = decode_step  # its step uncompiled, on the same 16-bit cache
     assert torch.equal(generate(int8, ids, **args), generate(int8_eager, ids, **args))
     with pytest.raises(ValueError, match="load the model again, move or cast it"):
         compiled.to(torch.float64)
@@ -278,6 +280,7 @@ def test_the_compiled_decode_path_reuses_one_cache_per_shape(micro_model):
     outputs = [generate(model, torch.tensor([p]), max_new_tokens=6) for p in ([5, 6, 7], [9, 3], [5, 6, 7])]
     assert [torch.equal(a, b) for a, b in zip(outputs, [*reference, reference[0]], strict=True)] == [True] * 3
     assert len(made) == 3 and made[0] is made[1] is made[2] and made[0].capacity == 128  # the context
+    assert made[0].keys[0].dtype == torch.float16  # an fp32 model's cache on CPU: half the bytes
     assert widths[:5] == [4, 5, 6, 7, 8]  # the first prompt's 3 tokens, then one slot a step
     assert model.decode_cache(2, 128) is not made[0]  # another batch size: its own
 
@@ -287,3 +290,24 @@ def test_generation_runs_in_inference_mode(micro_model):
     whether or not the model's parameters require gradients."""
     first = next(stream_generate(micro_model, torch.tensor([[5, 6, 7]]), max_new_tokens=2))
     assert torch.is_inference(first)
+
+
+def test_a_narrower_cache_returns_the_activations_dtype(micro_model):
+    """A 16-bit cache under fp32 activations: the prompt attends to its own keys, exact; later
+    tokens get the stored ones back in fp32, rounded to fp16; a compiled step's write rounds
+    too. A cache wider than the activations (FSDP2's bf16 from fp32 shards) narrows to them."""
+    config = micro_model.config
+    cache = KVCache(config, 1, 16, "cpu", torch.float16)
+    k, v = torch.randn(2, 1, config.num_key_value_heads, 4, config.head_dim).unbind(0)
+    keys, values = cache.update(0, k, v)
+    assert keys is k and values is v
+    cache.advance(4)
+    more = torch.randn(1, config.num_key_value_heads, 1, config.head_dim)
+    keys, values = cache.update(0, more, more)
+    assert keys.dtype == torch.float32 and keys.shape[2] == 5
+    assert torch.equal(keys[:, :, :4], k.half().float()) and not torch.equal(keys[:, :, :4], k)
+    keys, _ = cache.update(1, more, more, cache_position=torch.tensor([7]))
+    assert keys.dtype == torch.float16 and torch.equal(keys[:, :, 7], more[:, :, 0].half())
+    wide = KVCache(config, 1, 16, "cpu", torch.float32)
+    keys, _ = wide.update(0, k.bfloat16(), v.bfloat16())
+    assert wide.keys[0].dtype == torch.bfloat16 and keys.dtype == torch.bfloat16

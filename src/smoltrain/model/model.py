@@ -30,7 +30,9 @@ class CausalLMOutput:
 
 class KVCache:
     """Keys and values of every layer in pre-allocated buffers, written by slice assignment
-    (MPS has no `index_copy` for this). Grows by doubling when a forward would overflow it."""
+    (MPS has no `index_copy` for this). Grows by doubling when a forward would overflow it.
+    Its `dtype` may be narrower than the activations' (a 16-bit cache for an fp32 model reads
+    half the bytes a token): what it returns is in theirs."""
 
     def __init__(
         self,
@@ -66,20 +68,23 @@ class KVCache:
         """Store this step's k, v (B, kv_heads, T, hd) and return all of them so far, or, at
         `cache_position` (T,), a tensor so a compiled step never depends on the length, all of
         the buffers (the caller's mask hides the slots not yet written)."""
-        if cache_position is not None:
-            self.keys[layer].index_copy_(2, cache_position, k)
-            self.values[layer].index_copy_(2, cache_position, v)
+        stored = self.keys[layer].dtype
+        if cache_position is not None:  # a compiled step: the caller's attention casts
+            self.keys[layer].index_copy_(2, cache_position, k.to(stored))
+            self.values[layer].index_copy_(2, cache_position, v.to(stored))
             return self.keys[layer], self.values[layer]
-        if self.length == 0 and self.keys[layer].dtype != k.dtype:
-            # the activations' dtype, not the weights': FSDP2 computes bf16 from fp32 shards
+        if self.length == 0 and stored.itemsize > k.dtype.itemsize:
+            # no wider than the activations: FSDP2 computes bf16 from fp32 shards
             self.keys[layer], self.values[layer] = (
                 self.keys[layer].to(k.dtype),
                 self.values[layer].to(v.dtype),
             )
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        if start == 0:  # the prompt attends to its own keys, not their rounding in the cache
+            return k, v
+        return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(v.dtype)
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens

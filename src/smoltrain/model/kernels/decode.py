@@ -140,7 +140,8 @@ def one_query_attention(
     are written as products and sums, which the compiler fuses with the rotary, the cache
     write and the softmax into one loop a layer (two matmul calls a layer fewer: int8
     decoding 5-8% faster on a Sapphire Rapids Xeon, even in its AVX2 setting;
-    docs/performance.md); elsewhere they are matmuls. The softmax is in fp32, as in SDPA."""
+    docs/performance.md); elsewhere they are matmuls. The softmax is in fp32, as in SDPA, and
+    the result in q's dtype (the cache's may be narrower)."""
     B, nh, _, hd = q.shape
     n_kv = k.shape[1]
     q = q.view(B, n_kv, nh // n_kv, 1, hd)  # the query heads that share each key/value head
@@ -148,11 +149,12 @@ def one_query_attention(
     if fused:  # (B, nkv, group, S, hd), summed in the loop, never stored
         scores = (q.float() * k[:, :, None].float()).sum(-1)
     else:
+        k, v = k.to(q.dtype), v.to(q.dtype)  # from a 16-bit cache (`PackedLLM.decode_cache_dtype`)
         scores = (q[..., 0, :] @ k.transpose(-1, -2)).float()
     scores = (scores * hd**-0.5).masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
     weights = scores.softmax(-1)  # (B, nkv, group, S)
     if fused:
-        return (weights[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype).view(B, nh, 1, hd)
+        return (weights[..., None] * v[:, :, None].float()).sum(-2).to(q.dtype).view(B, nh, 1, hd)
     return (weights.to(v.dtype) @ v).view(B, nh, 1, hd)
 
 
@@ -221,17 +223,27 @@ class PackedLLM(CustomLLM):
         one per shape, kept and reused, so that a CUDA graph recorded on its buffers
         (`static`: their addresses marked for it) replays for every later request of that
         shape instead of being recorded again. Stale keys in it are masked by the caller, or
-        not read (on CPU its mask ends at the slots filled). A dynamic capacity would spare
-        a compile per capacity, but made int4 decoding 5-8% slower (Xeon, native)."""
+        not read (on CPU its mask ends at the slots filled); its dtype is `decode_cache_dtype`'s.
+        A dynamic capacity would spare a compile per capacity, but made int4 decoding 5-8%
+        slower (Xeon, native)."""
         cache = self.decode_caches.get((batch_size, capacity))
         if cache is None:
-            cache = KVCache(self.config, batch_size, capacity, self.device, self.dtype)
+            cache = KVCache(self.config, batch_size, capacity, self.device, self.decode_cache_dtype())
             if static:  # written in place by every replay: the graph must keep their addresses
                 for buffer in cache.keys + cache.values:
                     torch._dynamo.mark_static_address(buffer)
             self.decode_caches[(batch_size, capacity)] = cache
         cache.length = 0
         return cache
+
+    def decode_cache_dtype(self) -> torch.dtype:
+        """fp16 for an fp32 model on CPU, as llama.cpp's default cache: the compiled step reads
+        half the bytes a token, and its attention computes in fp32 from them (after a 512-token
+        prompt int4 and int8 +5%, f32 +3%, int8 +8-10% in the AVX2 setting; the same greedy
+        tokens; Xeon). Where CUDA graphs replay the step, the model's dtype."""
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return torch.float16
+        return self.dtype
 
     def num_parameters(self) -> int:
         return self.config.num_params()  # the repacked weights are no longer all parameters
