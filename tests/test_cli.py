@@ -95,3 +95,46 @@ def test_a_finished_rank_of_a_multi_process_run_exits_without_teardown():
         assert result.returncode == 0, result.stderr[-2000:]
         assert ("teardown ran" in result.stdout) == teardown
         json.loads(result.stdout.replace("teardown ran", ""))  # the whole report arrived
+
+
+def test_only_a_command_line_that_finished_skips_the_teardowns_collections(tmp_path):
+    """A command line that finished freezes the garbage collector, so that the interpreter's
+    teardown does not walk every object torch made; one that failed (what it left open is
+    collected and flushed as usual) and `main` called from Python (a long-lived process) do not."""
+    import gc
+
+    from tests.train.test_train import write_corpus
+
+    script = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from smoltrain.cli import main\n"
+        "main()\n"
+    )
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 50)
+    for source, finished in ((corpus, True), (tmp_path / "missing.jsonl", False)):
+        args = ["tokenizer", "train", str(source), str(tmp_path / f"tok-{finished}"), "--vocab-size", "300"]
+        command = [sys.executable, "-c", script, *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert (result.returncode == 0) == finished, result.stderr[-2000:]
+        assert f"frozen at exit: {finished}" in result.stdout
+    main(["tokenizer", "train", str(corpus), str(tmp_path / "tok-in-process"), "--vocab-size", "300"])
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_parser_is_built_before_torch_is_imported():
+    """`train` on CPU re-executes itself before any work (glibc reads its allocator settings at
+    start-up): the command line must be parsed without importing torch, or torch is imported twice
+    (a second more for every such command)."""
+    from smoltrain.cli_args import QUANTIZE_CHOICES
+    from smoltrain.model.kernels.quantized import QUANTIZE_KINDS
+
+    assert QUANTIZE_CHOICES == QUANTIZE_KINDS  # written out in the parser's module
+    script = (
+        "import sys\n"
+        "from smoltrain.cli_args import build_parser\n"
+        "build_parser().parse_known_args(['train', '--config', 'x.yaml', 'train.precision=fp32'])\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "torch imported: False", result.stderr[-2000:]

@@ -35,10 +35,14 @@ QUANTIZE_HELP = (
 )
 
 
-def add_quantize_flag(p) -> None:
-    from smoltrain.model.kernels.quantized import QUANTIZE_KINDS
+# smoltrain.model.kernels.quantized.QUANTIZE_KINDS, written out: the parser is built before
+# torch is imported (`train` on CPU re-executes itself first, and importing torch twice cost
+# each such command a second)
+QUANTIZE_CHOICES = ("int8", "int4")
 
-    p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help=QUANTIZE_HELP)
+
+def add_quantize_flag(p) -> None:
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
 
 
 def _limit(value: str) -> float:
