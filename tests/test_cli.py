@@ -132,7 +132,7 @@ def test_the_parser_is_built_before_torch_is_imported():
     assert QUANTIZE_CHOICES == QUANTIZE_KINDS  # written out in the parser's module
     script = (
         "import sys\n"
-        "from smoltrain.cli_args import build_parser\n"
+        "from smoltrain.cli import build_parser  # the module the command line starts in\n"
         "build_parser().parse_known_args(['train', '--config', 'x.yaml', 'train.precision=fp32'])\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
