@@ -288,8 +288,7 @@ def main() -> None:
                 common += ["--new-tokens", new, "--folder", str(hf)]
                 quality = ["--quality"] if (batch, prompt) == (1, 32) else []
                 contenders = {"smoltrain": ["ours", *common, *quality]}
-                if batch == 1:
-                    contenders["smoltrain compiled"] = ["ours", *common, "--compile"]
+                contenders["smoltrain compiled"] = ["ours", *common, "--compile"]
                 if precision in ("f32", "bf16"):
                     contenders["transformers"] = ["hf", *common]
                 for kind in LLAMA_TYPES[precision]:

@@ -62,7 +62,8 @@ def prepare_for_generation(model: CustomLLM, compile: bool = False, quantize: st
       `torch.compile` on a fixed-capacity cache (`decode_step`, `ReductionLinear`: on CPU a
       one-row product where timing every layer's weights shows it beats `F.linear`): about
       6000 ops a token become one call, at the price of compiling (20-100 s on 2 cores, about
-      10 s from inductor's cache; once per batch size and cache size); at batch 8 the default is faster.
+      10 s from inductor's cache; once per batch size and cache size); at batch 8 too (after a
+      32-token prompt 1.1x the default in f32, 1.16x in int8 on one Xeon; docs/performance.md).
     - with `quantize` ("int8" or "int4", CPU only), every linear, the tied head included,
       replaced by a weight-only quantized one (`smoltrain.model.kernels.quantized`); with
       `compile` too, the quantized step compiled.
