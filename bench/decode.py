@@ -7,8 +7,9 @@ forward). Every contender runs in a process of its own with this machine's cores
 The weights are the bundled SmolLM2-135M-Instruct's (its Q4_1 file, dequantized): ours and
 transformers load them as an HF folder; llama.cpp runs our GGUF export of them at f32, bf16,
 q8_0 and q4_0, and the bundled Q4_1 file itself. Quality, beside the speed: how many of 32
-greedy tokens each quantized contender shares with our f32 model on four prompts, and our
-held-out perplexity per precision.
+greedy tokens each quantized contender shares with our f32 model on four prompts, with the gap
+between f32's two best logits where they part (a near-tie that any rounding of the weights may
+flip, or a real difference), and our held-out perplexity per precision.
 
     python -m bench.decode                 # the table (~10 min on 2 cores)
     python -m bench.decode --quick         # batch 1, prompt 32, 64 tokens: a smoke run
@@ -84,17 +85,41 @@ def work_ours(args) -> dict:
             lambda n: generate(model, ids, max_new_tokens=n, eos_token_id=[]), args.new_tokens, args.repeats
         )
         greedy = [greedy_of(model, p, generate) for p in PROMPTS] if args.quality else None
+        gaps = None
+        if greedy:
+            gaps = [top2_gaps(model, p, tokens) for p, tokens in zip(PROMPTS, greedy, strict=True)]
         perplexity = held_out_perplexity(model) if args.quality else None
-    return {**timing, "greedy": greedy, "perplexity": perplexity, "linears": type(model.lm_head).__name__}
+    return {
+        **timing,
+        "greedy": greedy,
+        "top2_gaps": gaps,
+        "perplexity": perplexity,
+        "linears": type(model.lm_head).__name__,
+    }
 
 
-def greedy_of(model, prompt: str, generate) -> list[int]:
+def prompt_tensor(prompt: str):
     import torch
 
     from smoltrain.tokenizer import load_tokenizer
 
-    ids = torch.tensor([load_tokenizer("smollm2")(prompt)["input_ids"]])
+    return torch.tensor([load_tokenizer("smollm2")(prompt)["input_ids"]])
+
+
+def greedy_of(model, prompt: str, generate) -> list[int]:
+    ids = prompt_tensor(prompt)
     return generate(model, ids, max_new_tokens=32, eos_token_id=[])[0, ids.shape[1] :].tolist()
+
+
+def top2_gaps(model, prompt: str, tokens: list[int]) -> list[float]:
+    """At each greedy token, its logit minus the runner-up's: how far the choice is from a tie."""
+    import torch
+
+    ids = prompt_tensor(prompt)
+    sequence = torch.cat([ids, torch.tensor([tokens])], dim=1)
+    logits = model(sequence).logits[0, ids.shape[1] - 1 : -1].float()
+    best_two = logits.topk(2, dim=-1).values
+    return (best_two[:, 0] - best_two[:, 1]).tolist()
 
 
 def held_out_perplexity(model, windows: int = 4, length: int = 256) -> float:
@@ -238,14 +263,22 @@ def prepare_files(folder: Path) -> tuple[Path, dict[str, Path]]:
     return hf, files
 
 
-def agreement(tokens: list[list[int]] | None, reference: list[list[int]] | None) -> str:
+def agreement(
+    tokens: list[list[int]] | None, reference: list[list[int]] | None, gaps: list[list[float]] | None = None
+) -> str:
+    """Leading tokens shared with the reference, per prompt ("17/32/2/15"), and where given the
+    reference's top-2 logit gap at each parting ("; f32 gap there 0.090/-/0.089/0.004")."""
     if not tokens or not reference:
         return ""
     lead = [
         next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
         for x, y in zip(tokens, reference, strict=True)
     ]
-    return "/".join(str(n) for n in lead)
+    text = "/".join(str(n) for n in lead)
+    if gaps and any(n < len(x) for n, x in zip(lead, reference, strict=True)):
+        at_parting = [f"{g[n]:.3f}" if n < len(g) else "-" for n, g in zip(lead, gaps, strict=True)]
+        text += "; f32 gap there " + "/".join(at_parting)
+    return text
 
 
 def main() -> None:
@@ -281,7 +314,7 @@ def main() -> None:
     new = "64" if args.quick else str(args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         hf, files = prepare_files(Path(tmp))
-        rows, reference = [], None
+        rows, reference, gaps = [], None, None
         for precision in precisions:
             for batch, prompt in shapes:
                 common = ["--precision", precision, "--batch", str(batch), "--prompt-tokens", str(prompt)]
@@ -302,7 +335,7 @@ def main() -> None:
                     if result is None:
                         continue
                     if precision == "f32" and name == "smoltrain" and result.get("greedy"):
-                        reference = result["greedy"]
+                        reference, gaps = result["greedy"], result["top2_gaps"]
                     tok_s = batch * (int(new) - 1) / result["decode_s"]
                     row = {
                         "precision": precision,
@@ -311,7 +344,7 @@ def main() -> None:
                         "contender": name,
                         "tok_s": tok_s,
                         "first_ms": result["first_token_s"] * 1e3,
-                        "agree": agreement(result.get("greedy"), reference),
+                        "agree": agreement(result.get("greedy"), reference, gaps),
                         "perplexity": result.get("perplexity"),
                     }
                     rows.append(row)
@@ -323,7 +356,8 @@ def main() -> None:
                         flush=True,
                     )
     print()
-    print("| precision | batch | prompt | contender | tok/s | first token ms | greedy agree (of 32) | ppl |")
+    agree = "greedy agree (of 32; f32's top-2 logit gap where they part)"
+    print(f"| precision | batch | prompt | contender | tok/s | first token ms | {agree} | ppl |")
     print("| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |")
     for r in rows:
         ppl = f"{r['perplexity']:.3f}" if r["perplexity"] else ""

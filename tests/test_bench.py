@@ -80,3 +80,22 @@ def test_the_gpu_script_adds_what_an_earlier_run_left(tmp_path):
     assert "['chunked_loss']" in result.stdout
     assert results["sdpa_kernels"]["result"] == {"kept": 1}
     assert [run["sections"] for run in results["runs"]] == [["chunked_loss"], ["resume_with_more_rng_states"]]
+
+
+def test_decode_bench_names_the_gap_where_greedy_tokens_part(tiny_model):
+    """bench.decode's quality column: leading tokens shared with f32, and f32's top-2 logit gap where
+    they part; the gaps it measures are those of the greedy choices (never negative)."""
+    import torch
+
+    from bench.decode import PROMPTS, agreement, greedy_of, top2_gaps
+    from smoltrain.generate import generate
+
+    reference = [[5, 6, 7, 8], [1, 2, 3, 4]]
+    gaps = [[0.5, 0.25, 0.004, 0.1], [0.3, 0.2, 0.1, 0.05]]
+    assert agreement([[5, 6, 9, 9], [1, 2, 3, 4]], reference, gaps) == "2/4; f32 gap there 0.004/-"
+    assert agreement(reference, reference, gaps) == "4/4"
+    assert agreement([[5, 9, 9, 9], [1, 2, 3, 4]], reference) == "1/4"
+    with torch.inference_mode():
+        tokens = greedy_of(tiny_model, PROMPTS[0], generate)
+        measured = top2_gaps(tiny_model, PROMPTS[0], tokens)
+    assert len(measured) == 32 and min(measured) >= 0 and max(measured) > 0
