@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from smoltrain.atomic import cache_dir, publish_folder, staging_path, write_atomic
 from smoltrain.formats.hf import hf_state_dict, load_hf_state_dict
@@ -144,10 +145,28 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, {k: torch.as_tensor(v) for k, v in tensors.items()}
 
 
+class _SkipNormalInit(TorchFunctionMode):
+    """Skips `nn.init.normal_` in this thread while it is entered."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_:
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
+def model_skeleton(config: ModelConfig) -> CustomLLM:
+    """`CustomLLM(config)` on the meta device, for tensors to be loaded into: nothing allocated
+    and nothing initialized (on the meta device `normal_` is one of torch's Python
+    decompositions, whose first call imports torch's compiler: 1 s of every command that
+    loads a model)."""
+    with torch.device("meta"), _SkipNormalInit():
+        return CustomLLM(config)
+
+
 def _model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> CustomLLM:
     """A CPU model holding `tensors`, built without the random init they overwrite."""
-    with torch.device("meta"):
-        model = CustomLLM(config)
+    model = model_skeleton(config)
     model.to_empty(device="cpu")
     model.rotary_emb.reset_parameters()  # buffers, not in the checkpoint
     model.tie_weights()

@@ -120,12 +120,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cached", sin, persistent=False)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (
-            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)
-        )
-        freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq  # (P, hd/2)
+        # computed on the CPU wherever the model is built, then moved: the same tables on every
+        # device, and no arithmetic on the meta device (its first op imports torch's compiler, 1 s)
+        cpu, device = torch.device("cpu"), torch.get_default_device()
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=cpu) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        positions = torch.arange(self.max_positions, dtype=torch.float, device=cpu)
+        freqs = positions[:, None] * inv_freq  # (P, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos().to(device), emb.sin().to(device)
 
     def reset_parameters(self) -> None:
         """Recompute the tables (after building the model on the meta device)."""

@@ -15,6 +15,7 @@ import torch
 from smoltrain.data.stream import conversation_counts
 from smoltrain.device import autocast
 from smoltrain.evaluation.holdout import evaluate, held_out_batches, sample
+from smoltrain.formats.model_io import model_skeleton
 from smoltrain.generate import prepare_for_generation
 from smoltrain.model import CustomLLM
 from smoltrain.train.checkpoint import (
@@ -147,8 +148,7 @@ def quantized_copy(model: CustomLLM, kind: str) -> CustomLLM:
     trained = copy.deepcopy(model)
     if has_adapters(trained):
         trained = merge_adapters(trained)
-    with torch.device("meta"):
-        plain = CustomLLM(trained.config)
+    plain = model_skeleton(trained.config)
     plain.to_empty(device="cpu").load_state_dict(trained.state_dict())
     plain.rotary_emb.reset_parameters()  # buffers, not in the state dict
     return prepare_for_generation(plain, quantize=kind)

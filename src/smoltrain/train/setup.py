@@ -29,7 +29,7 @@ from smoltrain.device import (
     pick_device,
 )
 from smoltrain.errors import TrainingError
-from smoltrain.formats.model_io import load_model
+from smoltrain.formats.model_io import load_model, model_skeleton
 from smoltrain.model.config import ModelConfig
 from smoltrain.model.kernels import KERNELS, active_kernels, prepare_for_training
 from smoltrain.model.model import CustomLLM
@@ -137,11 +137,11 @@ def build_sharded_model(cfg: TrainConfig, tokenizer, accelerator, precision: str
     config = broadcast_object(whole.config if is_main else None, accelerator)
     full_state = whole.state_dict() if is_main else {}
     del whole
-    with torch.device("meta"):
-        model = CustomLLM(config)
-        if t.lora.rank:
-            from smoltrain.train.lora import add_adapters
+    model = model_skeleton(config)
+    if t.lora.rank:
+        from smoltrain.train.lora import add_adapters
 
+        with torch.device("meta"):
             model = add_adapters(model, t.lora)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
