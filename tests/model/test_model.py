@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM
@@ -179,3 +183,28 @@ def test_model_file_is_plain_pytorch():
     source = inspect.getsource(smoltrain.model)
     assert "autograd.Function" not in source and "device.type ==" not in source
     assert len(source.splitlines()) < 450
+
+
+@pytest.mark.slow
+def test_rotary_tables_are_exact_in_a_fresh_process():
+    """The cos/sin tables are computed once and kept for the run. torch's CPU cos and sin (MKL)
+    choose their kernel on their first call in a process, and two threads making that call
+    together could run one thread's half in a low-precision kernel (pytorch#188792: about 3
+    fresh processes in 16 built the tiny preset's tables 1.5e-4 off on 2 threads). Each table is
+    built first thing in a fresh 2-thread process here, and checked against float64."""
+    script = (
+        "import torch\n"
+        "from smoltrain.model.model import RotaryEmbedding\n"
+        "rotary = RotaryEmbedding(32, 1024, 10000.0)\n"
+        "exponents = torch.arange(0, 32, 2, dtype=torch.float) / 32\n"
+        "angles = torch.arange(1024, dtype=torch.float)[:, None] * (1.0 / 10000.0**exponents)\n"
+        "angles = torch.cat((angles, angles), dim=-1).double()\n"
+        "print(max((rotary.cos_cached.double() - angles.cos()).abs().max().item(),\n"
+        "          (rotary.sin_cached.double() - angles.sin()).abs().max().item()))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    errors = [
+        float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env).stdout)
+        for _ in range(16)
+    ]
+    assert max(errors) < 1e-6, errors

@@ -128,6 +128,10 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.max_positions, dtype=torch.float, device=cpu)
         freqs = positions[:, None] * inv_freq  # (P, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
+        # MKL's cos and sin pick their kernel on their first call in a process, and threads that
+        # make that call together can run in a low-precision one (pytorch#188792: 1.5e-4 off
+        # here): one element first, on one thread, for tables kept for the whole run
+        torch.cos(torch.zeros(1, device=cpu)), torch.sin(torch.zeros(1, device=cpu))
         return emb.cos().to(device), emb.sin().to(device)
 
     def reset_parameters(self) -> None:
