@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,6 +12,27 @@ from smoltrain.atomic import publish_folder, staging_path
 from smoltrain.formats.model_io import BUNDLED_NAME, cached_conversion, reading_gguf, resolve_checkpoint
 
 log = logging.getLogger(__name__)
+
+# transformers' class for any tokenizer.json (PreTrainedTokenizerFast is its other name): the one
+# every tokenizer smoltrain saves names
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _from_folder(folder: Path):
+    """transformers' tokenizer of a local folder. A folder whose config names the generic class
+    (and no code of its own) is loaded by that class: `AutoTokenizer` picks the same class, but
+    only after reading the module list of every model transformers knows (1 s a command)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and "auto_map" not in config:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _tokenizer_from_hf_json(path: Path):
@@ -47,13 +69,13 @@ def _gguf_tokenizer(path: Path):
     """Tokenizer from a GGUF's metadata: its tokenizer.json when it carries one, else
     transformers' rebuild from llama.cpp's keys. Parsing takes seconds, so the result is cached
     on disk, keyed by the file's path, size and mtime."""
-    from transformers import AutoTokenizer
-
     cached = cached_conversion("tokenizers", path)
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
+        return _from_folder(cached)
     tokenizer = _tokenizer_from_hf_json(path)
     if tokenizer is None:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tmp = staging_path(cached)
     tokenizer.save_pretrained(tmp)
@@ -64,11 +86,9 @@ def _gguf_tokenizer(path: Path):
 def load_tokenizer(spec: str | Path = BUNDLED_NAME):
     """`smollm2` (the tokenizer inside the bundled GGUF), a model or tokenizer folder, a
     `.gguf` file, or a hub name. Returns a transformers fast tokenizer."""
-    from transformers import AutoTokenizer
-
     path = Path(spec).expanduser()
     if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(path)
+        return _from_folder(path)
     resolved = resolve_checkpoint(spec)
     if resolved.suffix == ".gguf":
         return _gguf_tokenizer(resolved)
@@ -77,7 +97,7 @@ def load_tokenizer(spec: str | Path = BUNDLED_NAME):
             f"{resolved} has no tokenizer files (tokenizer.json); pass `--tokenizer smollm2` "
             "or a folder that has them"
         )
-    return AutoTokenizer.from_pretrained(resolved)
+    return _from_folder(resolved)
 
 
 def check_tokenizer_fits(vocab_size: int, tokenizer) -> None:

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from smoltrain.formats.hf import from_hf_key, to_hf_key
 from smoltrain.formats.model_io import load_model, save_model
 from smoltrain.model import CustomLLM
 from smoltrain.model.config import get_preset
+from smoltrain.tokenizer import load_tokenizer
 from tests.conftest import micro_config
 
 
@@ -122,3 +125,38 @@ def test_preset_round_trip_keeps_dtype(tmp_path):
     save_model(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_model(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_a_saved_folder_loads_without_init_or_transformers_scan(tmp_path, tiny_model, smollm2_tokenizer):
+    """`generate`, `chat`, `eval` and the app start by loading a model and its tokenizer: the model
+    is built on the meta device without a random init (meta's `normal_` and `arange` import torch's
+    compiler, 1 s), and a tokenizer of transformers' generic class is loaded by that class, not by
+    `AutoTokenizer` (which reads the module list of every model transformers has, 1 s)."""
+    save_model(tiny_model, tmp_path, tokenizer=smollm2_tokenizer)
+    script = (
+        "import sys\n"
+        "import transformers\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise AssertionError('AutoTokenizer was used')\n"
+        "transformers.AutoTokenizer.from_pretrained = refuse\n"
+        "from smoltrain.formats.model_io import load_model\n"
+        "from smoltrain.tokenizer import load_tokenizer\n"
+        f"model, tokenizer = load_model({str(tmp_path)!r}), load_tokenizer({str(tmp_path)!r})\n"
+        "ids = tokenizer('Hello world')['input_ids']\n"
+        "print(type(tokenizer).__name__, ids, 'torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = smollm2_tokenizer("Hello world")["input_ids"]
+    assert result.stdout.split("\n")[-2] == f"TokenizersBackend {ids} False"
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded.rotary_emb.cos_cached, tiny_model.rotary_emb.cos_cached)
+    tokens = torch.randint(0, 49152, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, tiny_model(tokens).logits)
+
+    # a tokenizer of another class is still AutoTokenizer's to pick
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    assert type(load_tokenizer(tmp_path)).__name__ == "GPT2Tokenizer"
