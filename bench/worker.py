@@ -2,14 +2,17 @@
 Prints one JSON line. Run by `python -m bench`; usable alone:
     python -m bench.worker train --impl ours --preset tiny --precision bf16
     python -m bench.worker generate --impl hf --batch 8 --precision fp32
+    python -m bench.worker train --impl ours --preset smollm2-135m --profile   # where a step's time goes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +48,64 @@ def read_bandwidth(probe: torch.Tensor, reps: int = 5) -> float:
     return statistics.median(rates)
 
 
+# aten's matrix products and where their operands sit in `input_shapes` ([a, b] or [a, b, out]
+# for mm and bmm; the added tensor first for addmm, addmm_ and baddbmm)
+_PRODUCTS = {"aten::mm": 0, "aten::bmm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::baddbmm": 1}
+_ATTENTION = "scaled_dot_product"
+_OPTIMIZER = "Optimizer.step"
+
+
+def step_time_split(step, steps: int = 2) -> dict:
+    """Where a training step's time goes on CPU, from torch's profiler over `steps` calls of
+    `step`: each op's own time, grouped by what it runs in: attention (SDPA, whatever it calls),
+    the optimizer's step, the matrix products elsewhere (and the FLOP/s they reach), and the
+    rest (norms, activations, the loss's softmax, a compiled graph's fused loops). The shares
+    sum to 1; the profiler adds a little."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    seconds = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
+    matmul_flops = 0
+    for event in prof.events():
+        names, parent = [], event.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        own = event.self_cpu_time_total / 1e6
+        if any(_ATTENTION in n for n in [event.name, *names]):
+            seconds["attention"] += own
+        elif any(n.startswith(_OPTIMIZER) for n in [event.name, *names]):
+            seconds["optimizer"] += own
+        elif event.name in _PRODUCTS or any(n in _PRODUCTS for n in names):
+            if not any(n in _PRODUCTS for n in names):  # counted once, at the outermost
+                first = _PRODUCTS[event.name]
+                a, b = event.input_shapes[first : first + 2]
+                matmul_flops += 2 * math.prod(a) * b[-1]  # (..., m, k) @ (..., k, n)
+            seconds["matmul"] += own
+        else:
+            seconds["other"] += own
+    total = sum(seconds.values())
+    split = {name: s / total for name, s in seconds.items()}
+    split["step_s"] = total / steps
+    split["matmul_flops_per_s"] = matmul_flops / seconds["matmul"] if seconds["matmul"] else 0.0
+    return split
+
+
+def describe_split(result: dict) -> str:
+    """The profile's split as one line, with the MFU the step would reach if everything but
+    the products took no time (their speed is then the only limit)."""
+    split, peak = result["time_split"], result["matmul_peak_flops"]
+    shares = ", ".join(f"{name} {split[name]:.1%}" for name in ("matmul", "attention", "optimizer", "other"))
+    mfu = result["mfu"]
+    return (
+        f"step {split['step_s']:.3f} s under the profiler: {shares}; the products run at "
+        f"{split['matmul_flops_per_s'] / peak:.0%} of the {peak / 1e9:.0f} GFLOP/s peak; MFU {mfu:.0%}, "
+        f"{mfu / split['matmul']:.0%} if the products were the whole step"
+    )
+
+
 def build_pair_model(impl: str, preset: str, device: str, overrides: dict):
     """Both contenders get the same weights: ours initialized with seed 0, copied into HF."""
     torch.manual_seed(0)
@@ -74,10 +135,8 @@ def train(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 49152, (args.batch, args.context), generator=gen).to(args.device)
     bf16 = args.precision == "bf16"
-    times, compile_s = [], None
-    for i in range(args.warmup + args.steps):
-        sync(args.device)
-        start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
             if args.impl == "ours":
                 loss = model(ids, labels=ids, return_logits=False).loss
@@ -86,6 +145,13 @@ def train(args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, compile_s = [], None
+    for i in range(args.warmup + args.steps):
+        sync(args.device)
+        start = time.perf_counter()
+        loss = step()
         sync(args.device)
         elapsed = time.perf_counter() - start
         if i == 0 and args.compile:
@@ -98,13 +164,18 @@ def train(args) -> dict:
     # drifts by 10-20% over a bench run, and a peak taken minutes earlier would move the MFU.
     dtype = torch.bfloat16 if bf16 else torch.float32
     matmul_peak = measure_peak_flops(args.device, dtype, args.peak_n, repeats=15)
+    split = step_time_split(step) if args.profile else None
+    tokens_per_s = args.batch * args.context / step_s
+    flops_per_token = get_preset(args.preset, **overrides).flops_per_token(args.context)
     return {
-        "tokens_per_s": args.batch * args.context / step_s,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token / matmul_peak,
         "step_s": step_s,
         "matmul_peak_flops": matmul_peak,
         "peak_memory_mb": peak_memory_mb,
         "loss": float(loss.detach()),
         "compile_s": compile_s,
+        "time_split": split,
     }
 
 
@@ -211,6 +282,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="generate: SmolLM2's first N layers (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="train, CPU: where the step's time goes")
     parser.add_argument("--kernels", default="auto", help="ours: train.kernels (auto, off, or names)")
     parser.add_argument("--tune-malloc", choices=["on", "off"], default="on", help="ours: train.tune_malloc")
     parser.add_argument("--peak-n", type=int, default=2048, help="size of the matmul that measures the peak")
@@ -218,7 +290,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.impl == "ours" and args.tune_malloc == "on":
         relaunch_with_lean_malloc()  # as the `smoltrain train` command does
+    if args.profile and (args.kind != "train" or args.device != "cpu"):
+        parser.error("--profile splits a training step's time on CPU only (train --device cpu)")
     result = train(args) if args.kind == "train" else generate(args)
+    if result.get("time_split"):
+        print(describe_split(result), file=sys.stderr)
     print(json.dumps(result))
 
 

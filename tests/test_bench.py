@@ -99,3 +99,36 @@ def test_decode_bench_names_the_gap_where_greedy_tokens_part(tiny_model):
         tokens = greedy_of(tiny_model, PROMPTS[0], generate)
         measured = top2_gaps(tiny_model, PROMPTS[0], tokens)
     assert len(measured) == 32 and min(measured) >= 0 and max(measured) > 0
+
+
+def test_the_step_profile_groups_ops_and_counts_the_products_flops():
+    """bench.worker --profile: each op's own time lands in one group (the shares sum to 1), and
+    the products' FLOPs are counted from their shapes, whichever aten op ran them."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.worker import describe_split, step_time_split
+
+    a, b, acc = torch.randn(64, 32), torch.randn(32, 48), torch.zeros(64, 48)
+    batched = torch.randn(3, 16, 8)
+    q = k = v = torch.randn(1, 2, 16, 8)
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    weight.grad = torch.randn(8, 8)
+    opt = torch.optim.AdamW([weight], fused=True)
+
+    def step():
+        a @ b  # mm
+        acc.addmm_(a, b)
+        torch.bmm(batched, batched.transpose(1, 2))  # (3, 16, 8) @ (3, 8, 16)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        opt.step()
+        torch.relu(a)
+
+    split = step_time_split(step, steps=2)
+    flops = 2 * (2 * (2 * 64 * 32 * 48) + 2 * 3 * 16 * 8 * 16)  # two steps of mm, addmm_ and bmm
+    products_s = split["matmul"] * split["step_s"] * 2
+    assert split["matmul_flops_per_s"] * products_s == pytest.approx(flops, rel=1e-6)
+    assert all(split[g] > 0 for g in ("matmul", "attention", "optimizer", "other"))
+    assert sum(split[g] for g in ("matmul", "attention", "optimizer", "other")) == pytest.approx(1)
+    line = describe_split({"time_split": split, "matmul_peak_flops": 1e11, "mfu": 0.5})
+    assert "under the profiler: matmul " in line and "of the 100 GFLOP/s peak; MFU 50%" in line
