@@ -46,9 +46,11 @@ def hf_state_dict(model: CustomLLM) -> dict[str, torch.Tensor]:
 
 
 def load_hf_state_dict(
-    model: CustomLLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
+    model: CustomLLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint", assign: bool = False
 ) -> None:
-    """Copy HF-named tensors into `model`, checking names and shapes first."""
+    """Copy HF-named tensors into `model`, checking names and shapes first. With `assign`
+    the model takes the tensors themselves (cast to its parameters' dtypes where they differ):
+    no copy, and `model` may be a meta-device skeleton."""
     own = model.state_dict()
     tied = model.config.tie_word_embeddings
     renamed: dict[str, torch.Tensor] = {}
@@ -62,7 +64,7 @@ def load_hf_state_dict(
         elif own[key].shape != tensor.shape:
             mismatched.append(f"{hf_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
         else:
-            renamed[key] = tensor
+            renamed[key] = tensor.to(own[key].dtype) if assign else tensor
     missing = [to_hf_key(k) for k in own if k not in renamed and not (tied and k == "lm_head.weight")]
     problems = []
     if mismatched:
@@ -73,5 +75,5 @@ def load_hf_state_dict(
         problems.append(f"unexpected tensors: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     if problems:
         raise ValueError(f"cannot load {source}: " + "; ".join(problems))
-    model.load_state_dict(renamed, strict=False)
+    model.load_state_dict(renamed, strict=False, assign=assign)
     model.tie_weights()

@@ -134,11 +134,12 @@ class RotaryEmbedding(nn.Module):
         torch.cos(torch.zeros(1, device=cpu)), torch.sin(torch.zeros(1, device=cpu))
         return emb.cos().to(device), emb.sin().to(device)
 
-    def reset_parameters(self) -> None:
-        """Recompute the tables (after building the model on the meta device)."""
+    def reset_parameters(self, device: torch.device | str | None = None) -> None:
+        """Recompute the tables (after building the model on the meta device), on `device`
+        (default: where they are)."""
         cos, sin = self._tables()
-        self.cos_cached = cos.to(self.cos_cached.device)
-        self.sin_cached = sin.to(self.sin_cached.device)
+        self.cos_cached = cos.to(device or self.cos_cached.device)
+        self.sin_cached = sin.to(device or self.sin_cached.device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, T) -> (B, 1, T, hd), ready to broadcast over heads
