@@ -48,9 +48,9 @@ def hf_state_dict(model: CustomLLM) -> dict[str, torch.Tensor]:
 def load_hf_state_dict(
     model: CustomLLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint", assign: bool = False
 ) -> None:
-    """Copy HF-named tensors into `model`, checking names and shapes first. With `assign`
-    the model takes the tensors themselves (cast to its parameters' dtypes where they differ):
-    no copy, and `model` may be a meta-device skeleton."""
+    """Copy HF-named tensors into `model`, checking names and shapes first. With `assign` its
+    parameters are replaced by copies of the tensors, in the parameters' dtypes, instead of
+    copied into: `model` may then be a meta-device skeleton."""
     own = model.state_dict()
     tied = model.config.tie_word_embeddings
     renamed: dict[str, torch.Tensor] = {}
@@ -64,7 +64,9 @@ def load_hf_state_dict(
         elif own[key].shape != tensor.shape:
             mismatched.append(f"{hf_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
         else:
-            renamed[key] = tensor.to(own[key].dtype) if assign else tensor
+            # a copy even where the dtype matches: safetensors' tensors map the file, which a
+            # process writing it in place would change under the model (or truncate: SIGBUS)
+            renamed[key] = tensor.to(own[key].dtype, copy=True) if assign else tensor
     missing = [to_hf_key(k) for k in own if k not in renamed and not (tied and k == "lm_head.weight")]
     problems = []
     if mismatched:

@@ -165,8 +165,8 @@ def model_skeleton(config: ModelConfig) -> CustomLLM:
 
 
 def _model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> CustomLLM:
-    """A CPU model holding `tensors`: the skeleton takes them as its parameters (no random
-    init, no copy; `to_empty` on meta tensors would import torch's symbolic shapes, 0.2 s)."""
+    """A CPU model holding `tensors`: the skeleton takes copies of them as its parameters (no
+    random init; `to_empty` on meta tensors would import torch's symbolic shapes, 0.2 s)."""
     model = model_skeleton(config)
     model.rotary_emb.reset_parameters(device="cpu")  # buffers, not in the checkpoint
     load_hf_state_dict(model, tensors, source=source, assign=True)
