@@ -31,9 +31,9 @@ setup-test: $(VENV)/.setup-test-done
 test: setup-test
 	OMP_NUM_THREADS=$$(( ($$(nproc) + 1) / 2 )) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
-# Two legs, each fitted to its time on this machine (schedule.max_minutes: the schedule's
-# length is set from the speed of its first steps), about 5 minutes in all on 2 cores of any
-# make. (a) Pre-training from scratch: a tokenizer learned on the built-in corpus, the tiny
+# Three legs, each fitted to its time on this machine (schedule.max_minutes: the schedule's
+# length is set from the speed of its first steps, the final eval included), 4.5 minutes in
+# all at most on 2 cores of any make. (a) Pre-training from scratch: a tokenizer learned on the built-in corpus, the tiny
 # model trained with it (AdamW: torch's Muon orthogonalizes in bf16, which most CPUs emulate),
 # a sample. (b) Continued pre-training of the bundled SmolLM2-135M-Instruct on the same
 # corpus: held-out loss before and after, a sample. (c) Instruction tuning of it on questions
@@ -42,13 +42,13 @@ test: setup-test
 demo: setup
 	$(BIN)/smoltrain env
 	$(BIN)/smoltrain tokenizer train builtin:python-docs runs/tokenizer-python-docs --vocab-size 8192 --overwrite
-	$(BIN)/smoltrain train --config configs/quickstart.yaml schedule.max_minutes=2.5 --overwrite
+	$(BIN)/smoltrain train --config configs/quickstart.yaml schedule.max_minutes=2 --overwrite
 	$(BIN)/smoltrain generate --model runs/quickstart/final --prompt "The list" \
 		--max-new-tokens 60 --do-sample --temperature 0.8 --top-k 50 --repetition-penalty 1.2 --seed 0
-	$(BIN)/smoltrain train --config configs/continue-smollm2.yaml schedule.max_minutes=1.5 --overwrite
+	$(BIN)/smoltrain train --config configs/continue-smollm2.yaml schedule.max_minutes=1.25 --overwrite
 	$(BIN)/smoltrain generate --model runs/continue-smollm2/final --prompt "The list" \
 		--max-new-tokens 60 --do-sample --temperature 0.8 --top-k 50 --repetition-penalty 1.2 --seed 0
-	$(BIN)/smoltrain train --config configs/sft-python-docs.yaml schedule.max_minutes=1.5 --overwrite
+	$(BIN)/smoltrain train --config configs/sft-python-docs.yaml schedule.max_minutes=1.25 --overwrite
 	$(BIN)/smoltrain generate --model runs/sft-python-docs/final --chat --prompt "What does \`os.path.join()\` do?" \
 		--max-new-tokens 60
 

@@ -125,7 +125,7 @@ def test_the_demos_configs_run(trained, tmp_path):
     makefile = (REPO / "Makefile").read_text()
     demo_line = next(line for line in makefile.splitlines() if "train --config configs/quickstart" in line)
     demo_overrides = [arg for arg in demo_line.split() if "=" in arg and not arg.startswith("-")]
-    assert "schedule.max_minutes=2.5" in demo_overrides  # fitted to the machine
+    assert "schedule.max_minutes=2" in demo_overrides  # fitted to the machine
     quick = [
         "--config",
         str(REPO / "configs/quickstart.yaml"),
