@@ -31,8 +31,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def worker(*args: str) -> dict:
+    from bench.worker import launch_env
+
     cmd = [sys.executable, "-m", "bench.worker", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=3600)
+    env = launch_env(args)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=3600, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -296,8 +296,11 @@ def document_mask(device: str, dry: bool) -> dict:
 
 
 def worker(kind: str, *args: str) -> dict:
+    from bench.worker import launch_env
+
     cmd = [sys.executable, "-m", "bench.worker", kind, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    env = launch_env(args)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

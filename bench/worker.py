@@ -23,7 +23,7 @@ from smoltrain.formats.hf import hf_state_dict
 from smoltrain.model import CustomLLM
 from smoltrain.model.config import get_preset
 from smoltrain.model.kernels import prepare_for_training
-from smoltrain.perf import keep_freed_memory, relaunch_with_lean_malloc
+from smoltrain.perf import keep_freed_memory, lean_malloc_env, relaunch_with_lean_malloc
 
 PROMPT = "The future of AI is"
 
@@ -32,6 +32,16 @@ def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def launch_env(args: list[str] | tuple[str, ...]) -> dict[str, str] | None:
+    """The environment to start `python -m bench.worker ARGS` in: smoltrain's worker with
+    glibc's lean setting from the start, as its own relaunch would give it after importing
+    torch (1 s a worker); None (this process's) for transformers' or with `--tune-malloc off`."""
+    pairs = set(zip(args[:-1], args[1:], strict=True))  # (option, value)
+    if ("--impl", "ours") in pairs and ("--tune-malloc", "off") not in pairs:
+        return lean_malloc_env()
+    return None
 
 
 def read_bandwidth(probe: torch.Tensor, reps: int = 5) -> float:

@@ -132,3 +132,15 @@ def test_the_step_profile_groups_ops_and_counts_the_products_flops():
     assert sum(split[g] for g in ("matmul", "attention", "optimizer", "other")) == pytest.approx(1)
     line = describe_split({"time_split": split, "matmul_peak_flops": 1e11, "mfu": 0.5})
     assert "under the profiler: matmul " in line and "of the 100 GFLOP/s peak; MFU 50%" in line
+
+
+def test_smoltrains_bench_workers_start_under_the_lean_malloc_setting():
+    """The launcher gives smoltrain's workers glibc's setting up front (no relaunch after torch's
+    import), and transformers' workers, or ours with --tune-malloc off, this process's environment."""
+    from bench.worker import launch_env
+    from smoltrain.perf import LEAN_MALLOC_TUNABLE
+
+    ours = launch_env(["train", "--impl", "ours", "--preset", "tiny"])
+    assert LEAN_MALLOC_TUNABLE in ours["GLIBC_TUNABLES"].split(":")
+    assert launch_env(["train", "--impl", "hf"]) is None
+    assert launch_env(["train", "--impl", "ours", "--tune-malloc", "off"]) is None
