@@ -33,9 +33,9 @@ test: setup-test
 
 # Three legs, each fitted to its time on this machine (schedule.max_minutes: the schedule's
 # length is set from the speed of its first steps, the final eval included), 4.5 minutes in
-# all at most on 2 cores of any make. (a) Pre-training from scratch: a tokenizer learned on the built-in corpus, the tiny
-# model trained with it (AdamW: torch's Muon orthogonalizes in bf16, which most CPUs emulate),
-# a sample. (b) Continued pre-training of the bundled SmolLM2-135M-Instruct on the same
+# all at most on 2 cores of any make. (a) Pre-training from scratch: a tokenizer learned on
+# the built-in corpus, the tiny model trained with it (AdamW: torch's Muon orthogonalizes in
+# bf16, which most CPUs emulate), a sample. (b) Continued pre-training of the bundled SmolLM2-135M-Instruct on the same
 # corpus: held-out loss before and after, a sample. (c) Instruction tuning of it on questions
 # about the standard library answered by their docstrings: the replies' held-out loss before
 # and after, a reply.

@@ -130,10 +130,10 @@ def test_preset_round_trip_keeps_dtype(tmp_path):
 def test_a_saved_folder_loads_without_init_or_transformers_scan(tmp_path, tiny_model, smollm2_tokenizer):
     """`generate`, `chat`, `eval` and the app start by loading a model and its tokenizer: the model
     is built on the meta device without a random init (meta's `normal_` and `arange` import torch's
-    compiler, 1 s) and takes the loaded tensors as they are (`to_empty` on meta imports torch's
-    symbolic shapes, 0.2 s, and copying doubled the weights' memory), and a tokenizer of
-    transformers' generic class is loaded by that class, not by `AutoTokenizer` (which reads the
-    module list of every model transformers has, 1 s)."""
+    compiler, 1 s) and takes copies of the loaded tensors as its parameters (`to_empty` on meta
+    imports torch's symbolic shapes, 0.2 s), which later writes to the file cannot reach; a
+    tokenizer of transformers' generic class is loaded by that class, not by `AutoTokenizer`
+    (which reads the module list of every model transformers has, 1 s)."""
     save_model(tiny_model, tmp_path, tokenizer=smollm2_tokenizer)
     script = (
         "import sys\n"
