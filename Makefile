@@ -35,10 +35,10 @@ test: setup-test
 # length is set from the speed of its first steps, the final eval included), 4.5 minutes in
 # all at most on 2 cores of any make. (a) Pre-training from scratch: a tokenizer learned on
 # the built-in corpus, the tiny model trained with it (AdamW: torch's Muon orthogonalizes in
-# bf16, which most CPUs emulate), a sample. (b) Continued pre-training of the bundled SmolLM2-135M-Instruct on the same
-# corpus: held-out loss before and after, a sample. (c) Instruction tuning of it on questions
-# about the standard library answered by their docstrings: the replies' held-out loss before
-# and after, a reply.
+# bf16, which most CPUs emulate), a sample. (b) Continued pre-training of the bundled
+# SmolLM2-135M-Instruct on the same corpus: held-out loss before and after, a sample. (c)
+# Instruction tuning of it on questions about the standard library answered by their
+# docstrings: the replies' held-out loss before and after, a reply.
 demo: setup
 	$(BIN)/smoltrain env
 	$(BIN)/smoltrain tokenizer train builtin:python-docs runs/tokenizer-python-docs --vocab-size 8192 --overwrite
