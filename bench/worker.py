@@ -298,10 +298,10 @@ def main() -> None:
     parser.add_argument("--peak-n", type=int, default=2048, help="size of the matmul that measures the peak")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe")
     args = parser.parse_args()
-    if args.impl == "ours" and args.tune_malloc == "on":
-        relaunch_with_lean_malloc()  # as the `smoltrain train` command does
     if args.profile and (args.kind != "train" or args.device != "cpu"):
         parser.error("--profile splits a training step's time on CPU only (train --device cpu)")
+    if args.impl == "ours" and args.tune_malloc == "on":
+        relaunch_with_lean_malloc()  # as the `smoltrain train` command does
     result = train(args) if args.kind == "train" else generate(args)
     if result.get("time_split"):
         print(describe_split(result), file=sys.stderr)

@@ -144,3 +144,14 @@ def test_smoltrains_bench_workers_start_under_the_lean_malloc_setting():
     assert LEAN_MALLOC_TUNABLE in ours["GLIBC_TUNABLES"].split(":")
     assert launch_env(["train", "--impl", "hf"]) is None
     assert launch_env(["train", "--impl", "ours", "--tune-malloc", "off"]) is None
+
+
+def test_the_worker_refuses_a_profile_it_cannot_take():
+    """--profile splits a CPU training step: asked of generation, the worker says so and stops."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.worker", "generate", "--impl", "ours", "--profile"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--profile splits a training step's time on CPU only" in result.stderr
+    assert "Traceback" not in result.stderr
