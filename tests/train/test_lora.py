@@ -131,6 +131,43 @@ def test_adapters_keep_the_plain_layers_they_wrap_and_the_estimate_counts_them()
     assert lora.activations == full.activations and lora.total < full.total - 15e9
 
 
+def test_the_quantized_sample_copy_leaves_the_training_model_as_it_was(monkeypatch):
+    """log.sample_quantize decodes a quantized copy: of the weights as they are (without
+    adapters no deep copy is made first), of the merged weights with adapters; either way
+    the training model keeps its parameters, values and adapters."""
+    import copy
+
+    from smoltrain.model import CustomLLM
+    from smoltrain.train.config import LoraConfig
+    from smoltrain.train.jobs import quantized_copy
+    from smoltrain.train.lora import add_adapters, has_adapters, merge_adapters
+
+    deep_copies, deepcopy = [], copy.deepcopy
+    monkeypatch.setattr(
+        copy, "deepcopy", lambda obj, memo=None: deep_copies.append(obj) or deepcopy(obj, memo)
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, 10))
+    plain = CustomLLM(micro_config())
+    adapted = add_adapters(CustomLLM(micro_config()), LoraConfig(rank=4))
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    for model in (plain, adapted):
+        before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+        deep_copies.clear()
+        sample_model = quantized_copy(model, "int8")
+        assert any(obj is model for obj in deep_copies) == (model is adapted)
+        after = dict(model.named_parameters())
+        assert after.keys() == before.keys() and has_adapters(model) == (model is adapted)
+        assert all(after[n] is p and torch.equal(p, value) for n, (p, value) in before.items())
+        assert not has_adapters(sample_model)
+        with torch.no_grad():
+            reference = merge_adapters(copy.deepcopy(model)) if model is adapted else model
+            error = (sample_model(ids).logits - reference(ids).logits).abs()
+        assert error.mean() < 0.05 and error.max() < 0.3  # int8 rounding (other weights: 0.9 mean)
+
+
 @pytest.mark.slow
 def test_lora_under_fsdp_follows_one_process(tmp_path, base):
     """Adapters on a model sharded over 2 processes (FSDP2, built on the meta device): the

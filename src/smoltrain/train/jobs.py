@@ -144,10 +144,10 @@ def sample_and_log(run: Run) -> None:
 
 def quantized_copy(model: CustomLLM, kind: str) -> CustomLLM:
     """The training model's weights (adapters merged) in a plain model prepared for generation
-    with `kind` quantization; the training model is untouched."""
-    trained = copy.deepcopy(model)
-    if has_adapters(trained):
-        trained = merge_adapters(trained)
+    with `kind` quantization; the training model is untouched. Only merging adapters needs a
+    copy of it first: the load below copies the weights anyway (a deep copy before it held a
+    third copy of them at the sample's peak)."""
+    trained = merge_adapters(copy.deepcopy(model)) if has_adapters(model) else model
     plain = model_skeleton(trained.config)
     plain.to_empty(device="cpu").load_state_dict(trained.state_dict())
     plain.rotary_emb.reset_parameters()  # buffers, not in the state dict
